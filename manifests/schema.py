@@ -1,0 +1,58 @@
+"""What a run publishes about itself: manifest.json (the run) and manifest.parquet (one row per tensor)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+FORMAT = "mergefleet-manifest/1"
+MANIFEST_JSON = "manifest.json"
+MANIFEST_PARQUET = "manifest.parquet"
+INDEX_JSON = "model.safetensors.index.json"
+
+TENSOR_TABLE = pa.schema([
+    ("name", pa.string()),
+    ("file", pa.string()),
+    ("dtype", pa.string()),
+    ("shape", pa.list_(pa.int64())),
+    ("offset", pa.int64()),  # absolute byte offset of the data in the file
+    ("nbytes", pa.int64()),
+    ("sha256", pa.string()),
+    ("method", pa.string()),  # merge method, or "copy" for tensors taken from the reference unmerged
+])
+
+
+class OutputFile(BaseModel):
+    """One published file with its size and checksum."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """manifest.json: the run, its config, inputs, resolved method, outputs and timings."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format: str = FORMAT
+    run_id: str
+    mergefleet_version: str
+    created: str  # ISO 8601 UTC
+    config: dict[str, Any]  # the validated config as given (credentials never stored)
+    config_hash: str
+    plan_hash: str
+    method: dict[str, Any]  # every resolved parameter
+    inputs: list[dict[str, Any]]  # role, url, files (size, header sha256), bytes
+    files: list[OutputFile]  # safetensors shards, index and copied side files
+    tensors_table: str = MANIFEST_PARQUET
+    tensors_table_sha256: str
+    n_tensors: int
+    output_bytes: int
+    bytes_read: int
+    timings: dict[str, Any]  # seconds: plan, run, per-stage sums, per-shard totals
+    extra: dict[str, Any] = {}  # method-specific records (e.g. global TIES thresholds)

@@ -1,0 +1,192 @@
+"""The merge config: mergekit's YAML format plus mergefleet's optional keys, validated once.
+
+An existing mergekit config for linear, task_arithmetic or ties works unchanged. Unknown keys
+are an error naming the key. Models are frozen pydantic models; derived defaults live in
+``resolve_method`` rather than in scattered fallbacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from workers.methods import MethodOptions
+from workers.tensor_io import DTYPE_ALIASES
+
+DEFAULT_DENSITY = 0.2  # SPEC.md: TIES keeps the top 20 % (mergekit's own default is 1.0: set it to match)
+DEFAULT_MEMORY_BUDGET = 4 * 1024**3
+DEFAULT_SHARD_BYTES = 1024**3
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message names the key and the fix."""
+
+
+def parse_bytes(value: Union[int, str]) -> int:
+    """'4GB', '512MiB', '1e9' or an int -> bytes."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(i?)B?\s*", str(value), flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{value!r} is not a size; write e.g. 4GB or 512MiB")
+    number, unit, binary = match.groups()
+    exponent = "KMGT".find(unit.upper()) + 1 if unit else 0
+    return int(float(number) * (1024 if binary else 1000) ** exponent)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class ModelParameters(_Frozen):
+    weight: float | None = None  # the model's weight in the merge (default 1.0)
+    density: float | None = Field(default=None, gt=0, le=1)  # TIES: fraction of |τ| kept
+
+    @field_validator("weight", "density", mode="before")
+    @classmethod
+    def _scalar(cls, value):
+        if isinstance(value, (list, dict)):
+            raise ValueError("gradient or filtered parameters (lists) are not supported; give one number")
+        return value
+
+
+class ModelEntry(_Frozen):
+    model: str  # local directory or fsspec URL of a Hugging Face safetensors layout
+    parameters: ModelParameters = ModelParameters()
+
+
+class MergeParameters(_Frozen):
+    weight: float | None = None  # default weight for every model
+    density: float | None = Field(default=None, gt=0, le=1)  # default TIES density for every model
+    normalize: bool | None = None  # divide by Σ weights (linear, ties: true; task_arithmetic: false)
+    lam: float | None = Field(default=None, alias="lambda")  # λ on the merged task vector (default 1.0)
+    int8_mask: bool | None = None  # mergekit memory option; accepted, no effect (masks here are never materialised)
+    trim_scope: Literal["tensor", "global"] = "tensor"  # TIES threshold per tensor (mergekit) or per model (paper)
+    sign_method: Literal["sum", "count"] = "sum"  # TIES sign election by mass or by count
+    zero_sign: Literal["positive", "majority"] | None = None  # sign where the vote is 0 (tensor: positive, global: majority)
+
+
+class MergeConfig(_Frozen):
+    merge_method: Literal["linear", "task_arithmetic", "ties"]  # the algorithm, as in mergekit
+    models: tuple[ModelEntry, ...] = Field(min_length=1)  # experts (linear: every model averaged)
+    base_model: str | None = None  # θ₀; required for task_arithmetic and ties
+    parameters: MergeParameters = MergeParameters()
+    dtype: str | None = None  # output dtype (computation is always float32); default: the base's dtype
+    out_dtype: str | None = None  # output dtype, overrides dtype
+    output: str | None = None  # output URL (local dir, file://, s3://, gs://); --output overrides
+    exclude: tuple[str, ...] = ()  # regexes of tensor names copied from the base unmerged
+    shards: Union[int, str, None] = None  # number of output shards (int) or target bytes per shard ("2GB")
+    memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET  # working-set bytes allowed per shard task
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, value):
+        if value is not None and value not in DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype {value!r}; use one of {sorted(DTYPE_ALIASES)}")
+        return value
+
+    @field_validator("exclude")
+    @classmethod
+    def _regex(cls, patterns):
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"exclude pattern {p!r} is not a regex: {exc}") from exc
+        return patterns
+
+    @field_validator("shards")
+    @classmethod
+    def _shards(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("shards must be >= 1 (a count) or a size like '2GB'")
+        if isinstance(value, str):
+            parse_bytes(value)
+        return value
+
+    @property
+    def output_dtype(self) -> str | None:
+        """The safetensors dtype name of the output, or None to keep each tensor's base dtype."""
+        name = self.out_dtype or self.dtype
+        return DTYPE_ALIASES[name] if name else None
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return parse_bytes(self.memory_budget)
+
+    def input_urls(self) -> list[str]:
+        """Every model read, base first (when the method uses one), then the listed models in order."""
+        urls = [m.model for m in self.models]
+        return ([self.base_model] if self.base_model and self.merge_method != "linear" else []) + urls
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of the validated config (output location excluded)."""
+        data = self.model_dump(mode="json", by_alias=True, exclude={"output"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_method(config: MergeConfig) -> MethodOptions:
+    """Fill every method default (mergekit's where it has one, SPEC.md's otherwise)."""
+    p = config.parameters
+    method = config.merge_method
+    if method != "linear" and not config.base_model:
+        raise ConfigError(f"merge_method {method} needs base_model: the pre-trained model the experts were tuned from")
+    if method == "linear" and config.base_model and config.base_model not in {m.model for m in config.models}:
+        raise ConfigError(
+            f"linear averages the listed models; base_model {config.base_model!r} is not among them and has no weight. "
+            "List it under models: with a weight, or drop base_model"
+        )
+    weights, densities = [], []
+    for m in config.models:
+        weight = _first(m.parameters.weight, p.weight, 1.0)
+        density = _first(m.parameters.density, p.density, DEFAULT_DENSITY) if method == "ties" else 1.0
+        weights.append(weight)
+        densities.append(density)
+    normalize = _first(p.normalize, method != "task_arithmetic")
+    if normalize and method != "ties" and sum(weights) == 0:
+        raise ConfigError("the model weights sum to 0, so normalize cannot divide by them; set normalize: false or change a weight")
+    zero_sign = _first(p.zero_sign, "majority" if p.trim_scope == "global" else "positive")
+    return MethodOptions(method=method, weights=tuple(weights), densities=tuple(densities), lam=_first(p.lam, 1.0),
+                         normalize=normalize, trim_scope=p.trim_scope, sign_method=p.sign_method, zero_sign=zero_sign)
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+def load_config(source: Union[str, Path, dict[str, Any]]) -> MergeConfig:
+    """Parse and validate a config from a YAML path, YAML text or a dict; errors name the key."""
+    if isinstance(source, dict):
+        data, where = source, "config"
+    else:
+        where = str(source)
+        try:
+            text = Path(source).read_text() if Path(str(source)).exists() else str(source)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read the config: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of config keys, got {type(data).__name__}")
+    try:
+        config = MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+    resolve_method(config)
+    return config
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {key!r} (see the config reference in README.md)"
+    if error["type"] == "missing":
+        return f"missing required key {key!r}"
+    return f"{key}: {error['msg']}"

@@ -1,0 +1,194 @@
+"""Run a plan on Ray and publish the output: shards, HF index, side files, manifest last."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from importlib import metadata
+
+import ray
+from tqdm import tqdm
+
+from manifests.reader import ManifestError, read_manifest
+from manifests.schema import INDEX_JSON, MANIFEST_JSON, Manifest, OutputFile
+from manifests.writer import atomic_put, tensor_table_bytes, write_manifest
+from pipeline.config import MergeConfig
+from pipeline.planner import SIDE_FILES, ShardPlan, build_plan
+from workers.methods import bytes_per_element
+from workers.ray_tasks import submit_shard
+from workers.shard_task import ShardResult, ShardSpec
+from workers.tensor_io import itemsize, join_url, open_fs
+
+LOG = logging.getLogger(__name__)
+STAGES = ("read", "convert", "kernel", "write")
+
+
+class RunError(RuntimeError):
+    """A run failed; nothing was published."""
+
+
+def mergefleet_version() -> str:
+    try:
+        return metadata.version("mergefleet")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join a cluster at ``address``, or start an embedded local Ray (reused if already up)."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+
+
+def shard_memory(spec: ShardSpec) -> int:
+    """The most bytes one chunk of this shard holds at once (what the task asks Ray for)."""
+    peak = 0
+    for t in spec.tensors:
+        per_element = bytes_per_element(len(t.inputs), max(itemsize(i.dtype) for i in t.inputs), itemsize(t.out_dtype))
+        peak = max(peak, per_element * t.chunk_rows * max(1, math.prod(t.shape[1:])))
+    return max(peak, 64 * 1024 * 1024)
+
+
+def run_shards(shards: tuple[ShardSpec, ...], *, progress: bool = True) -> list[ShardResult]:
+    """Run shard tasks with backpressure (ray.wait), a progress bar, and fail fast on the first error."""
+    resources = ray.cluster_resources()
+    use_gpu = resources.get("GPU", 0) > 0
+    max_in_flight = max(2, 2 * int(resources.get("GPU" if use_gpu else "CPU", 1)))
+    pending = list(shards)
+    in_flight: dict[ray.ObjectRef, ShardSpec] = {}
+    results: list[ShardResult] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(shards), unit="shard", disable=not progress, desc="merging")
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < max_in_flight:
+                spec = pending.pop(0)
+                in_flight[submit_shard(spec, use_gpu=use_gpu, memory_bytes=shard_memory(spec))] = spec
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                spec = in_flight.pop(ref)
+                try:
+                    results.append(ray.get(ref))
+                except Exception as exc:
+                    raise RunError(f"shard {spec.index} ({spec.file_name}) failed: {_root_cause(exc)}") from exc
+                read = sum(r.bytes_read for r in results)
+                bar.update(1)
+                bar.set_postfix_str(f"{read / 1e9 / max(1e-9, time.perf_counter() - t0):.2f} GB/s read")
+    except BaseException:
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+        raise
+    finally:
+        bar.close()
+    return sorted(results, key=lambda r: r.index)
+
+
+def _root_cause(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None)
+    return f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
+
+
+def _copy_side_files(plan: ShardPlan, output_dtype: str | None, storage_options: dict) -> list[OutputFile]:
+    """Copy config.json and tokenizer files from the reference model; returns what was written."""
+    written = []
+    src_fs, src_root = open_fs(plan.side_files_from, storage_options)
+    if src_root.endswith(".safetensors"):
+        src_root = src_root.rsplit("/", 1)[0]
+    for name in SIDE_FILES:
+        path = join_url(src_root, name)
+        if not src_fs.exists(path):
+            continue
+        data = src_fs.cat_file(path)
+        if name == "config.json" and output_dtype:
+            cfg = json.loads(data)
+            cfg["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(output_dtype, cfg.get("torch_dtype"))
+            data = json.dumps(cfg, indent=2).encode()
+        atomic_put(join_url(plan.output_url, name), data, storage_options=storage_options)
+        written.append(OutputFile(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    return written
+
+
+def _refuse_foreign_output(plan: ShardPlan, overwrite: bool, storage_options: dict) -> None:
+    """An output that already holds a committed run is only replaced with ``overwrite``."""
+    try:
+        existing = read_manifest(plan.output_url, storage_options=storage_options)
+    except ManifestError:
+        return
+    if not overwrite:
+        same = "the same config" if existing.config_hash == plan.config_hash else f"a different config ({existing.config_hash[:12]})"
+        raise RunError(f"{plan.output_url} already holds run {existing.run_id} from {same}; "
+                       "choose another output or pass --overwrite to replace it")
+    fs, path = open_fs(join_url(plan.output_url, MANIFEST_JSON), storage_options)
+    fs.rm(path)  # un-publish first, so no reader sees the old manifest over new shards
+
+
+def publish(plan: ShardPlan, results: list[ShardResult], config: MergeConfig, timings: dict, *,
+            storage_options: dict, extra: dict | None = None) -> Manifest:
+    """Write the HF index and side files, then the manifest (last, atomically)."""
+    rows, files = [], []
+    for result in results:
+        files.append(OutputFile(name=result.file_name, size=result.file_size, sha256=result.file_sha256))
+        for t in result.tensors:
+            task_action = next(x.action for x in plan.shards[result.index].tensors if x.name == t.name)
+            rows.append({"name": t.name, "file": result.file_name, "dtype": t.dtype, "shape": list(t.shape),
+                         "offset": t.offset, "nbytes": t.nbytes, "sha256": t.sha256,
+                         "method": plan.method.method if task_action == "merge" else "copy"})
+    index = {"metadata": {"total_size": sum(r["nbytes"] for r in rows)},
+             "weight_map": {r["name"]: r["file"] for r in sorted(rows, key=lambda r: r["name"])}}
+    index_bytes = json.dumps(index, indent=2).encode()
+    atomic_put(join_url(plan.output_url, INDEX_JSON), index_bytes, storage_options=storage_options)
+    files.append(OutputFile(name=INDEX_JSON, size=len(index_bytes), sha256=hashlib.sha256(index_bytes).hexdigest()))
+    files += _copy_side_files(plan, config.output_dtype, storage_options)
+    parquet = tensor_table_bytes(rows)
+    stage_sums = {s: round(sum(r.timings.get(s, 0.0) for r in results), 4) for s in STAGES}
+    manifest = Manifest(
+        run_id=uuid.uuid4().hex,
+        mergefleet_version=mergefleet_version(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        config=config.model_dump(mode="json", by_alias=True, exclude_none=True),
+        config_hash=plan.config_hash,
+        plan_hash=plan.plan_hash,
+        method=plan.method.model_dump(),
+        inputs=[{"role": i.role, "url": i.url, "files": list(i.files), "bytes": i.nbytes} for i in plan.inputs],
+        files=files,
+        tensors_table_sha256=hashlib.sha256(parquet).hexdigest(),
+        n_tensors=len(rows),
+        output_bytes=sum(r["nbytes"] for r in rows),
+        bytes_read=sum(r.bytes_read for r in results),
+        timings={**timings, "stages": stage_sums,
+                 "shards": [{"index": r.index, "seconds": round(r.timings.get("total", 0.0), 4), "device": r.device}
+                            for r in results]},
+        extra={"ignored_tensors": list(plan.ignored_tensors), **(extra or {})},
+    )
+    write_manifest(plan.output_url, manifest, parquet, storage_options=storage_options)
+    return manifest
+
+
+def run_merge(config: MergeConfig, *, output_url: str | None = None, address: str | None = None,
+              storage_options: dict | None = None, overwrite: bool = False, progress: bool = True) -> Manifest:
+    """Plan, run every shard on Ray, and publish. Returns the committed manifest."""
+    opts = storage_options or {}
+    t0 = time.perf_counter()
+    plan = build_plan(config, output_url=output_url, storage_options=opts)
+    t_plan = time.perf_counter() - t0
+    _refuse_foreign_output(plan, overwrite, opts)
+    connect_ray(address)
+    LOG.info("plan %s: %d tensors in %d shards, %.2f GB in", plan.plan_hash[:12], len(plan.tensors),
+             len(plan.shards), plan.input_bytes / 1e9)
+    t1 = time.perf_counter()
+    results = run_shards(plan.shards, progress=progress)
+    t_run = time.perf_counter() - t1
+    manifest = publish(plan, results, config, {"plan": round(t_plan, 4), "run": round(t_run, 4)}, storage_options=opts)
+    LOG.info("published %s (run %s)", plan.output_url, manifest.run_id)
+    return manifest

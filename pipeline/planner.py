@@ -1,0 +1,186 @@
+"""Plan a merge from safetensors headers alone: which tensors to merge or copy, in which shard,
+in chunks of how many rows. The plan is deterministic for a given config and inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from pipeline.config import DEFAULT_SHARD_BYTES, ConfigError, MergeConfig, parse_bytes, resolve_method
+from workers.methods import MethodOptions, bytes_per_element
+from workers.shard_task import ShardSpec, TensorTask
+from workers.tensor_io import FLOAT_DTYPES, ModelFiles, TensorInfo, itemsize, resolve_model, rows_of
+
+LOG = logging.getLogger(__name__)
+
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
+)
+
+
+@dataclass(frozen=True)
+class InputSummary:
+    """One input model as the manifest records it."""
+
+    role: str  # "base", "expert" or "model" (linear)
+    url: str
+    files: tuple[dict, ...]  # {"url", "size", "header_sha256"} per safetensors file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The whole run: resolved method, every shard's spec, the inputs and the plan's hash."""
+
+    config_hash: str
+    plan_hash: str
+    method: MethodOptions
+    output_url: str
+    shards: tuple[ShardSpec, ...]
+    inputs: tuple[InputSummary, ...]
+    side_files_from: str  # model directory whose config.json / tokenizer files are copied
+    ignored_tensors: tuple[str, ...]  # tensors present only in some experts, not in the reference
+
+    @property
+    def tensors(self) -> list[TensorTask]:
+        return [t for s in self.shards for t in s.tensors]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(_tensor_bytes(t) for t in self.tensors)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(i.nbytes for t in self.tensors for i in t.inputs)
+
+    def summary(self) -> dict:
+        """A small JSON-able description for `mergefleet plan` and logs."""
+        return {
+            "method": self.method.model_dump(),
+            "config_hash": self.config_hash,
+            "plan_hash": self.plan_hash,
+            "output": self.output_url,
+            "tensors": len(self.tensors),
+            "merged": sum(t.action == "merge" for t in self.tensors),
+            "copied": sum(t.action == "copy" for t in self.tensors),
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "shards": [
+                {"file": s.file_name, "tensors": len(s.tensors), "bytes": sum(_tensor_bytes(t) for t in s.tensors),
+                 "chunked": [t.name for t in s.tensors if t.chunk_rows < rows_of(t.shape)]}
+                for s in self.shards
+            ],
+        }
+
+
+def _tensor_bytes(task: TensorTask) -> int:
+    return math.prod(task.shape) * itemsize(task.out_dtype)
+
+
+def natural_key(name: str) -> list:
+    """Sort key putting layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _summarize(role: str, model: ModelFiles) -> InputSummary:
+    files = tuple({"url": h.url, "size": h.size, "header_sha256": h.header_sha256} for h in model.files)
+    return InputSummary(role, model.url, files, sum(f["size"] for f in files))
+
+
+def _check_input(name: str, ref: TensorInfo, model_url: str, info: TensorInfo | None, ref_url: str) -> None:
+    if info is None:
+        raise ConfigError(
+            f"tensor {name!r}: missing from model {model_url!r} but present in {ref_url!r}; "
+            "every model must have the reference's tensors (same architecture), or exclude the tensor"
+        )
+    if info.shape != ref.shape:
+        raise ConfigError(
+            f"tensor {name!r}: model {model_url!r} has shape {list(info.shape)}, {ref_url!r} has {list(ref.shape)}; "
+            "experts must share the base architecture"
+        )
+    if (info.dtype in FLOAT_DTYPES) != (ref.dtype in FLOAT_DTYPES) or (
+        ref.dtype not in FLOAT_DTYPES and info.dtype != ref.dtype
+    ):
+        raise ConfigError(
+            f"tensor {name!r}: model {model_url!r} stores {info.dtype}, {ref_url!r} stores {ref.dtype}; "
+            "non-float tensors must match exactly (re-export the model from the same base)"
+        )
+
+
+def shard_groups(sizes: list[int], n_shards: int) -> list[list[int]]:
+    """Split tensor indices (in order) into at most ``n_shards`` contiguous, non-empty groups
+    balanced by bytes: each tensor goes to the slot holding its byte midpoint."""
+    total = sum(sizes) or 1
+    groups: dict[int, list[int]] = {}
+    position = 0
+    for i, size in enumerate(sizes):
+        slot = min(n_shards - 1, int((position + size / 2) * n_shards / total))
+        groups.setdefault(slot, []).append(i)
+        position += size
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_options: dict | None = None) -> ShardPlan:
+    """Read the headers of every input and plan the shards (no tensor data is read)."""
+    method = resolve_method(config)
+    output = output_url or config.output
+    if not output:
+        raise ConfigError("no output: give `output:` in the config or --output URL")
+    opts = storage_options or {}
+    expert_urls = [m.model for m in config.models]
+    experts = [resolve_model(u, storage_options=opts) for u in expert_urls]
+    if method.uses_base:
+        base = resolve_model(config.base_model, storage_options=opts)
+        inputs, reference = [base, *experts], base
+        summaries = [_summarize("base", base)] + [_summarize("expert", e) for e in experts]
+    else:
+        inputs, reference = experts, experts[0]
+        summaries = [_summarize("model", e) for e in experts]
+    excluded = [re.compile(p) for p in config.exclude]
+    budget = config.memory_budget_bytes
+
+    tasks: list[TensorTask] = []
+    for name in sorted(reference.tensors, key=natural_key):
+        ref = reference.tensors[name]
+        infos = tuple(m.tensors.get(name) for m in inputs)
+        for model, info in zip(inputs, infos):
+            _check_input(name, ref, model.url, info, reference.url)
+        is_float = ref.dtype in FLOAT_DTYPES
+        out_dtype = (config.output_dtype or ref.dtype) if is_float else ref.dtype
+        merge = is_float and not any(p.search(name) for p in excluded)
+        sources = infos if merge else (ref,)
+        per_element = bytes_per_element(len(sources), max(itemsize(i.dtype) for i in sources), itemsize(out_dtype))
+        row_elements = max(1, math.prod(ref.shape[1:]))
+        chunk_rows = max(1, min(rows_of(ref.shape), budget // (per_element * row_elements)))
+        tasks.append(TensorTask(name, ref.shape, out_dtype, "merge" if merge else "copy", sources, chunk_rows))
+
+    ignored = sorted({n for m in inputs for n in m.tensors} - set(reference.tensors), key=natural_key)
+    if ignored:
+        LOG.warning("%d tensors exist in some inputs but not in %s and are not merged: %s", len(ignored),
+                    reference.url, ignored[:10])
+
+    sizes = [_tensor_bytes(t) for t in tasks]
+    n_shards = _shard_count(config.shards, sum(sizes), len(tasks))
+    groups = shard_groups(sizes, n_shards)
+    specs = tuple(
+        ShardSpec(i, f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", output, tuple(tasks[j] for j in group), method, opts)
+        for i, group in enumerate(groups)
+    )
+    plan_hash = hashlib.sha256(json.dumps(
+        {"config": config.config_hash(), "shards": [[asdict(t) for t in s.tensors] for s in specs]},
+        sort_keys=True, default=str).encode()).hexdigest()
+    return ShardPlan(config.config_hash(), plan_hash, method, output, specs, tuple(summaries), reference.url, tuple(ignored))
+
+
+def _shard_count(shards, total_bytes: int, n_tensors: int) -> int:
+    if isinstance(shards, int):
+        wanted = shards
+    else:
+        target = parse_bytes(shards) if shards is not None else DEFAULT_SHARD_BYTES
+        wanted = math.ceil(total_bytes / max(1, target))
+    return max(1, min(wanted, n_tensors))

@@ -1,0 +1,323 @@
+"""safetensors over fsspec: header parsing, ranged tensor reads and streamed shard writes.
+
+Everything here goes through fsspec, so a local directory, ``file://``, ``s3://`` and ``gs://``
+behave the same. Checkpoints are never unpickled: only safetensors files are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+
+LOG = logging.getLogger(__name__)
+
+HEADER_LIMIT = 100 * 1024 * 1024  # safetensors refuses headers above 100 MB; so do we
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+# config / mergekit spellings -> safetensors names
+DTYPE_ALIASES = {
+    "float32": "F32", "fp32": "F32", "float": "F32",
+    "float16": "F16", "fp16": "F16", "half": "F16",
+    "bfloat16": "BF16", "bf16": "BF16",
+    "float64": "F64", "fp64": "F64",
+}
+
+
+class CheckpointError(ValueError):
+    """An input checkpoint is unusable; the message names the file, the tensor and the fix."""
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype name."""
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The one entry point to storage: (filesystem, path) for any fsspec URL or local path."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join URL segments with '/', keeping the scheme of ``base``."""
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and absolute byte range in that file."""
+
+    file_url: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """A parsed safetensors header: tensors by name, metadata, and a hash of the raw header."""
+
+    url: str
+    size: int
+    header_sha256: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_header(url: str, *, storage_options: dict[str, Any] | None = None) -> FileHeader:
+    """Read only the 8-byte length and JSON header of a safetensors file and validate it."""
+    fs, path = open_fs(url, storage_options)
+    try:
+        size = fs.size(path)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{url}: file not found; check the model URL and credentials") from exc
+    if size < 8:
+        raise CheckpointError(f"{url}: {size} bytes is too short for a safetensors file; the file is truncated, download it again")
+    (header_len,) = struct.unpack("<Q", fs.cat_file(path, start=0, end=8))
+    if header_len > HEADER_LIMIT or 8 + header_len > size:
+        raise CheckpointError(
+            f"{url}: safetensors header claims {header_len} bytes but the file has {size}; "
+            "the file is truncated or not safetensors, download or convert it again"
+        )
+    raw = fs.cat_file(path, start=8, end=8 + header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{url}: safetensors header is not valid JSON ({exc}); the file is corrupt, download it again") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{url}: safetensors header is not a JSON object; the file is corrupt")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (lo, hi) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{url}: tensor {name!r} has a malformed header entry {entry!r}; the file is corrupt") from exc
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{url}: tensor {name!r} has dtype {dtype!r}, which mergefleet cannot read")
+        info = TensorInfo(url, dtype, shape, data_start + int(lo), data_start + int(hi))
+        if not 0 <= lo <= hi or info.end > size:
+            raise CheckpointError(
+                f"{url}: tensor {name!r} has data offsets {lo}..{hi} beyond the file's {size - data_start} data bytes; "
+                "the file is truncated or corrupt, download it again"
+            )
+        if info.nbytes != info.numel * itemsize(dtype):
+            raise CheckpointError(
+                f"{url}: tensor {name!r} spans {info.nbytes} bytes but {dtype}{list(shape)} needs "
+                f"{info.numel * itemsize(dtype)}; the file is corrupt"
+            )
+        tensors[name] = info
+    return FileHeader(url, size, hashlib.sha256(raw).hexdigest(), tensors, dict(metadata))
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A Hugging Face style model directory: its safetensors headers and every tensor's location."""
+
+    url: str
+    files: tuple[FileHeader, ...]
+    tensors: dict[str, TensorInfo]
+
+
+def resolve_model(url: str, *, storage_options: dict[str, Any] | None = None) -> ModelFiles:
+    """Locate the safetensors files of a model directory (single file or sharded with an index)."""
+    fs, root = open_fs(url, storage_options)
+    if root.endswith(".safetensors"):
+        file_urls = [url]
+    elif fs.exists(join_url(root, INDEX_NAME)):
+        index = json.loads(fs.cat_file(join_url(root, INDEX_NAME)))
+        file_urls = [join_url(url, f) for f in sorted(set(index.get("weight_map", {}).values()))]
+        if not file_urls:
+            raise CheckpointError(f"{url}: {INDEX_NAME} has an empty weight_map")
+    elif fs.exists(join_url(root, SINGLE_NAME)):
+        file_urls = [join_url(url, SINGLE_NAME)]
+    else:
+        try:
+            listing = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{url}: no such model directory; check the path, bucket and credentials") from exc
+        pickles = [n for n in listing if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise CheckpointError(
+                f"{url}: holds pickle checkpoints {pickles} and no safetensors; mergefleet never unpickles. "
+                "Convert once with: python -c \"import torch, safetensors.torch as st; "
+                "st.save_file(torch.load('pytorch_model.bin', weights_only=True), 'model.safetensors')\""
+            )
+        shards = sorted(n for n in listing if n.endswith(".safetensors"))
+        if not shards:
+            raise CheckpointError(f"{url}: no {SINGLE_NAME} or {INDEX_NAME} found; point at a Hugging Face model directory")
+        file_urls = [join_url(url, n) for n in shards]
+    headers = tuple(read_header(f, storage_options=storage_options) for f in file_urls)
+    tensors: dict[str, TensorInfo] = {}
+    for header in headers:
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"{url}: tensor {name!r} appears in both {tensors[name].file_url} and {info.file_url}")
+            tensors[name] = info
+    return ModelFiles(url, headers, tensors)
+
+
+class RangeReader:
+    """Ranged reads of tensors (whole or by rows), keeping one filesystem handle per file URL."""
+
+    def __init__(self, storage_options: dict[str, Any] | None = None):
+        self._storage_options = storage_options
+        self._fs: dict[str, tuple[fsspec.AbstractFileSystem, str]] = {}
+        self.bytes_read = 0
+
+    def _open(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+        if url not in self._fs:
+            self._fs[url] = open_fs(url, self._storage_options)
+        return self._fs[url]
+
+    def read_bytes(self, info: TensorInfo, start: int, end: int) -> bytearray:
+        """Bytes [start, end) of a tensor's data, relative to the tensor's first byte."""
+        fs, path = self._open(info.file_url)
+        data = fs.cat_file(path, start=info.start + start, end=info.start + end)
+        if len(data) != end - start:
+            raise CheckpointError(f"{info.file_url}: short read of {len(data)} of {end - start} bytes; the file changed or is truncated")
+        self.bytes_read += len(data)
+        return bytearray(data)
+
+    def read_rows(self, info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
+        """Rows [row_start, row_end) along dim 0 as a tensor of the stored dtype (bit-exact)."""
+        row_shape = info.shape[1:]
+        row_bytes = itemsize(info.dtype) * _prod(row_shape)
+        raw = self.read_bytes(info, row_start * row_bytes, row_end * row_bytes)
+        shape = (row_end - row_start, *row_shape) if info.shape else ()
+        if not raw:
+            return torch.empty(shape, dtype=DTYPES[info.dtype])
+        return torch.frombuffer(raw, dtype=DTYPES[info.dtype]).reshape(shape)
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    """Number of rows a tensor is split along (dim 0; a 0-d tensor is one row)."""
+    return shape[0] if shape else 1
+
+
+def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The serialized safetensors header (length prefix included) for tensors written in the given order."""
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offsets: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, dtype, shape in entries:
+        nbytes = _prod(shape) * itemsize(dtype)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[name] = (pos, pos + nbytes)
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+@dataclass(frozen=True)
+class WrittenTensor:
+    """One tensor as written: where it sits in its file and the sha256 of its bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+    sha256: str
+
+
+class ShardWriter:
+    """Streams one safetensors file: the header first, then each tensor's bytes in plan order.
+
+    Tensors may arrive in row chunks, so a tensor never needs to be whole in memory.
+    """
+
+    def __init__(self, url: str, entries: list[tuple[str, str, tuple[int, ...]]], *,
+                 storage_options: dict[str, Any] | None = None, metadata: dict[str, str] | None = None):
+        self.url = url
+        self._entries = entries
+        head, self._offsets = build_header(entries, metadata)
+        self._data_start = len(head)
+        fs, path = open_fs(url, storage_options)
+        parent = path.rsplit("/", 1)[0]
+        if parent and parent != path:
+            fs.makedirs(parent, exist_ok=True)
+        self._file = fs.open(path, "wb")
+        self._file_hash = hashlib.sha256(head)
+        self._file.write(head)
+        self._index = 0
+        self._written = 0
+        self._tensor_hash = hashlib.sha256()
+        self.results: list[WrittenTensor] = []
+        self.bytes_written = len(head)
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        """Append the next chunk of tensor ``name`` (chunks must come in order, tensors in plan order)."""
+        expected_name, dtype, shape = self._entries[self._index]
+        if name != expected_name:
+            raise RuntimeError(f"{self.url}: tensor {name!r} written out of order, expected {expected_name!r}")
+        if chunk.dtype != DTYPES[dtype]:
+            raise RuntimeError(f"{self.url}: tensor {name!r} chunk has dtype {chunk.dtype}, planned {dtype}")
+        data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._file_hash.update(data)
+        self._tensor_hash.update(data)
+        self._written += data.nbytes
+        self.bytes_written += data.nbytes
+        lo, hi = self._offsets[name]
+        if self._written > hi - lo:
+            raise RuntimeError(f"{self.url}: tensor {name!r} got {self._written} bytes, planned {hi - lo}")
+        if self._written == hi - lo:
+            self.results.append(WrittenTensor(name, dtype, shape, self._data_start + lo, hi - lo, self._tensor_hash.hexdigest()))
+            self._index += 1
+            self._written = 0
+            self._tensor_hash = hashlib.sha256()
+
+    def close(self) -> str:
+        """Finish the file; returns its sha256. Fails if any planned tensor is missing."""
+        if self._index != len(self._entries):
+            self._file.close()
+            raise RuntimeError(f"{self.url}: closed after {self._index} of {len(self._entries)} tensors")
+        self._file.close()
+        return self._file_hash.hexdigest()
