@@ -113,16 +113,21 @@ def _check_input(name: str, ref: TensorInfo, model_url: str, info: TensorInfo | 
 
 
 def shard_groups(sizes: list[int], n_shards: int) -> list[list[int]]:
-    """Split tensor indices (in order) into at most ``n_shards`` contiguous, non-empty groups
-    balanced by bytes: each tensor goes to the slot holding its byte midpoint."""
+    """Split tensor indices (in order) into min(n_shards, len(sizes)) contiguous, non-empty groups
+    balanced by bytes: a group closes once a tensor's byte midpoint passes its share of the total."""
+    n = len(sizes)
+    n_shards = min(n_shards, n)
     total = sum(sizes) or 1
-    groups: dict[int, list[int]] = {}
+    groups: list[list[int]] = [[]] if n else []
     position = 0
     for i, size in enumerate(sizes):
-        slot = min(n_shards - 1, int((position + size / 2) * n_shards / total))
-        groups.setdefault(slot, []).append(i)
+        if groups[-1] and len(groups) < n_shards:
+            must_split = n - i == n_shards - len(groups)  # one tensor left per group still to fill
+            if must_split or (position + size / 2) * n_shards / total >= len(groups):
+                groups.append([])
+        groups[-1].append(i)
         position += size
-    return [groups[k] for k in sorted(groups)]
+    return groups
 
 
 def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_options: dict | None = None) -> ShardPlan:
@@ -164,6 +169,8 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
         LOG.warning("%d tensors exist in some inputs but not in %s and are not merged: %s", len(ignored),
                     reference.url, ignored[:10])
 
+    if not tasks:
+        raise ConfigError(f"{reference.url}: holds no tensors to merge")
     sizes = [_tensor_bytes(t) for t in tasks]
     n_shards = _shard_count(config.shards, sum(sizes), len(tasks))
     groups = shard_groups(sizes, n_shards)
