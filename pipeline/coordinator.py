@@ -19,9 +19,10 @@ from manifests.reader import ManifestError, read_manifest
 from manifests.schema import INDEX_JSON, MANIFEST_JSON, Manifest, OutputFile
 from manifests.writer import atomic_put, tensor_table_bytes, write_manifest
 from pipeline.config import MergeConfig
+from pipeline.global_trim import compute_global_trim, with_global_rules
 from pipeline.planner import SIDE_FILES, ShardPlan, build_plan
 from workers.methods import bytes_per_element
-from workers.ray_tasks import submit_shard
+from workers.ray_tasks import submit
 from workers.shard_task import ShardResult, ShardSpec
 from workers.tensor_io import itemsize, join_url, open_fs
 
@@ -60,21 +61,23 @@ def shard_memory(spec: ShardSpec) -> int:
     return max(peak, 64 * 1024 * 1024)
 
 
-def run_shards(shards: tuple[ShardSpec, ...], *, progress: bool = True) -> list[ShardResult]:
-    """Run shard tasks with backpressure (ray.wait), a progress bar, and fail fast on the first error."""
+def run_shards(shards: tuple[ShardSpec, ...], kind: str = "merge", args: tuple = (), *, progress: bool = True) -> list:
+    """Run one task of ``kind`` per shard with backpressure (ray.wait) and a progress bar; fail fast
+    on the first error. Returns the results in shard order."""
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) > 0
     max_in_flight = max(2, 2 * int(resources.get("GPU" if use_gpu else "CPU", 1)))
     pending = list(shards)
     in_flight: dict[ray.ObjectRef, ShardSpec] = {}
-    results: list[ShardResult] = []
+    results: list = []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(shards), unit="shard", disable=not progress, desc="merging")
+    bar = tqdm(total=len(shards), unit="shard", disable=not progress, desc=kind)
     try:
         while pending or in_flight:
             while pending and len(in_flight) < max_in_flight:
                 spec = pending.pop(0)
-                in_flight[submit_shard(spec, use_gpu=use_gpu, memory_bytes=shard_memory(spec))] = spec
+                ref = submit(kind, spec, *args, use_gpu=use_gpu, memory_bytes=shard_memory(spec))
+                in_flight[ref] = spec
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
                 spec = in_flight.pop(ref)
@@ -187,8 +190,14 @@ def run_merge(config: MergeConfig, *, output_url: str | None = None, address: st
     LOG.info("plan %s: %d tensors in %d shards, %.2f GB in", plan.plan_hash[:12], len(plan.tensors),
              len(plan.shards), plan.input_bytes / 1e9)
     t1 = time.perf_counter()
-    results = run_shards(plan.shards, progress=progress)
-    t_run = time.perf_counter() - t1
-    manifest = publish(plan, results, config, {"plan": round(t_plan, 4), "run": round(t_run, 4)}, storage_options=opts)
+    shards, extra, timings = plan.shards, {}, {"plan": round(t_plan, 4)}
+    if plan.method.method == "ties" and plan.method.trim_scope == "global":
+        rules, zero_sign, extra["global_trim"] = compute_global_trim(
+            plan, lambda kind, args: run_shards(plan.shards, kind, args, progress=progress))
+        shards = with_global_rules(plan, rules, zero_sign)
+        timings["global_trim"] = round(time.perf_counter() - t1, 4)
+    results = run_shards(shards, progress=progress)
+    timings["run"] = round(time.perf_counter() - t1, 4)
+    manifest = publish(plan, results, config, timings, storage_options=opts, extra=extra)
     LOG.info("published %s (run %s)", plan.output_url, manifest.run_id)
     return manifest

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pipeline.config import DEFAULT_SHARD_BYTES, ConfigError, MergeConfig, parse_bytes, resolve_method
 from workers.methods import MethodOptions, bytes_per_element
 from workers.shard_task import ShardSpec, TensorTask
-from workers.tensor_io import FLOAT_DTYPES, ModelFiles, TensorInfo, itemsize, resolve_model, rows_of
+from workers.tensor_io import FLOAT_DTYPES, ModelFiles, TensorInfo, itemsize, join_url, open_fs, resolve_model, rows_of
 
 LOG = logging.getLogger(__name__)
 
@@ -112,6 +112,39 @@ def _check_input(name: str, ref: TensorInfo, model_url: str, info: TensorInfo | 
         )
 
 
+EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight")
+
+
+def tied_copies(model: ModelFiles, model_config: dict) -> dict[str, str]:
+    """Names that are a second name for another tensor's weight: {copy: primary}.
+
+    Detected from identical data offsets in one file, or from ``tie_word_embeddings: true`` in
+    config.json with both ``lm_head.weight`` and an input embedding stored.
+    """
+    primary_at: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
+    for name in sorted(model.tensors, key=natural_key):
+        info = model.tensors[name]
+        location = (info.file_url, info.start, info.end)
+        if info.nbytes and location in primary_at:
+            tied[name] = primary_at[location]
+        else:
+            primary_at.setdefault(location, name)
+    head = model.tensors.get("lm_head.weight")
+    if model_config.get("tie_word_embeddings") is True and head is not None and "lm_head.weight" not in tied:
+        embedding = next((n for n in sorted(model.tensors) if n.endswith(EMBEDDING_SUFFIXES)
+                          and model.tensors[n].shape == head.shape), None)
+        if embedding:
+            tied["lm_head.weight"] = embedding
+    return tied
+
+
+def _model_config(model_url: str, storage_options: dict) -> dict:
+    fs, root = open_fs(model_url, storage_options)
+    path = join_url(root.rsplit("/", 1)[0] if root.endswith(".safetensors") else root, "config.json")
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else {}
+
+
 def shard_groups(sizes: list[int], n_shards: int) -> list[list[int]]:
     """Split tensor indices (in order) into min(n_shards, len(sizes)) contiguous, non-empty groups
     balanced by bytes: a group closes once a tensor's byte midpoint passes its share of the total."""
@@ -148,6 +181,7 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
         summaries = [_summarize("model", e) for e in experts]
     excluded = [re.compile(p) for p in config.exclude]
     budget = config.memory_budget_bytes
+    tied = tied_copies(reference, _model_config(reference.url, opts))
 
     tasks: list[TensorTask] = []
     for name in sorted(reference.tensors, key=natural_key):
@@ -162,7 +196,8 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
         per_element = bytes_per_element(len(sources), max(itemsize(i.dtype) for i in sources), itemsize(out_dtype))
         row_elements = max(1, math.prod(ref.shape[1:]))
         chunk_rows = max(1, min(rows_of(ref.shape), budget // (per_element * row_elements)))
-        tasks.append(TensorTask(name, ref.shape, out_dtype, "merge" if merge else "copy", sources, chunk_rows))
+        tasks.append(TensorTask(name, ref.shape, out_dtype, "merge" if merge else "copy", sources, chunk_rows,
+                                tied.get(name)))
 
     ignored = sorted({n for m in inputs for n in m.tensors} - set(reference.tensors), key=natural_key)
     if ignored:

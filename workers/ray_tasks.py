@@ -1,20 +1,28 @@
-"""Thin Ray wrappers around the shard task body: resources and retries live here, logic does not."""
+"""Thin Ray wrappers around the shard task bodies: resources and retries live here, logic does not."""
 
 from __future__ import annotations
 
 import ray
 
-from workers.shard_task import ShardResult, ShardSpec, run_shard
+from workers import shard_task
 
 MAX_RETRIES = 3  # a shard is rerun elsewhere if its node dies
 
+_BODIES = {
+    "merge": shard_task.run_shard,
+    "high": shard_task.scan_high_histograms,
+    "low": shard_task.scan_low_histograms,
+    "sign": shard_task.scan_sign_sum,
+}
+
 
 @ray.remote(max_retries=MAX_RETRIES)
-def _shard_remote(spec: ShardSpec) -> ShardResult:
-    return run_shard(spec)
+def _shard_remote(kind: str, spec: shard_task.ShardSpec, *args):
+    return _BODIES[kind](spec, *args)
 
 
-def submit_shard(spec: ShardSpec, *, use_gpu: bool, memory_bytes: int) -> ray.ObjectRef:
-    """Start one shard task; it asks Ray for a GPU when the cluster has any, and its planned memory."""
+def submit(kind: str, spec: shard_task.ShardSpec, *args, use_gpu: bool, memory_bytes: int) -> ray.ObjectRef:
+    """Start one task of ``kind`` (merge, or a global-trim scan) for a shard; it asks Ray for a GPU
+    when the cluster has any, and for its planned memory."""
     return _shard_remote.options(num_gpus=1 if use_gpu else 0, memory=memory_bytes,
-                                 name=f"mergefleet-shard-{spec.index}").remote(spec)
+                                 name=f"mergefleet-{kind}-{spec.index}").remote(kind, spec, *args)

@@ -32,6 +32,7 @@ class TensorTask:
     action: Literal["merge", "copy"]
     inputs: tuple[TensorInfo, ...]  # merge: base first when the method uses one, then experts; copy: the source
     chunk_rows: int
+    tied_to: str | None = None  # another name for the same weight (counted once in a global trim)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class ShardSpec:
     tensors: tuple[TensorTask, ...]
     method: MethodOptions
     storage_options: dict[str, Any] = field(default_factory=dict)
+    trim_rules: tuple[TrimRule, ...] | None = None  # global TIES: one rule per expert for the whole model
+    zero_sign: float | None = None  # global TIES: the model-wide majority sign for γ = 0
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,8 @@ def _per_tensor_rules(chunks: _ChunkReader, task: TensorTask, method: MethodOpti
     ]
 
 
-def _merge_ties(chunks: _ChunkReader, task: TensorTask, method: MethodOptions, ranges):
+def _merge_ties(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, ranges):
+    method = spec.method
     single = len(ranges) == 1
     cache: dict = {}
 
@@ -159,12 +163,15 @@ def _merge_ties(chunks: _ChunkReader, task: TensorTask, method: MethodOptions, r
             return cache[rows]
         return _inputs_as_taus(chunks, task, rows)
 
-    rules = _per_tensor_rules(chunks, task, method, ranges, cached)
+    if spec.trim_rules is not None:  # global scope: rules and zero sign come from the whole model
+        rules, zero_sign = list(spec.trim_rules), spec.zero_sign
+    else:
+        rules = _per_tensor_rules(chunks, task, method, ranges, cached)
+        zero_sign = None if method.zero_sign == "majority" else 1.0
     options = dict(weights=list(method.weights), rules=rules, sign_method=method.sign_method)
-    zero_sign = 1.0
-    if method.zero_sign == "majority":
+    if zero_sign is None:  # per-tensor majority: Σγ over this tensor first
         ties_seen = [0] * len(rules)
-        sign_sum = 0.0
+        sign_sum = 0
         for rows in ranges:
             _, taus = cached(rows)
             with chunks.timer.track("kernel"):
@@ -184,11 +191,12 @@ def _merge_ties(chunks: _ChunkReader, task: TensorTask, method: MethodOptions, r
         yield rows, out
 
 
-def _merge_chunks(chunks: _ChunkReader, task: TensorTask, method: MethodOptions):
+def _merge_chunks(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec):
     """Yield (rows, float32 merged chunk) for one merged tensor."""
     ranges = row_ranges(task)
+    method = spec.method
     if method.method == "ties":
-        yield from _merge_ties(chunks, task, method, ranges)
+        yield from _merge_ties(chunks, task, spec, ranges)
         return
     for rows in ranges:
         if method.method == "linear":
@@ -201,6 +209,73 @@ def _merge_chunks(chunks: _ChunkReader, task: TensorTask, method: MethodOptions)
                 out = linear.task_arithmetic_chunk(base, taus, weights=list(method.weights), lam=method.lam,
                                                    normalize=method.normalize)
         yield rows, out
+
+
+def _scan_taus(spec: ShardSpec, chunks: _ChunkReader):
+    """Every (expert index, τ chunk) of the shard's merged tensors, tied copies skipped."""
+    for task in spec.tensors:
+        if task.action != "merge" or task.tied_to is not None:
+            continue
+        for rows in row_ranges(task):
+            _, taus = _inputs_as_taus(chunks, task, rows)
+            yield taus
+
+
+def _scan(spec: ShardSpec, accumulate) -> tuple[list, dict[str, float], int]:
+    timer = _Timer()
+    t0 = time.perf_counter()
+    reader = RangeReader(spec.storage_options)
+    chunks = _ChunkReader(reader, pick_device(), timer)
+    totals = None
+    for taus in _scan_taus(spec, chunks):
+        with timer.track("kernel"):
+            parts = accumulate(taus)
+        totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
+    timer.seconds["total"] = time.perf_counter() - t0
+    return totals, dict(timer.seconds), reader.bytes_read
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Per-expert statistics of one shard for a global trim (small arrays, never tensors)."""
+
+    index: int
+    values: list  # per expert: a numpy histogram, or an int
+    bytes_read: int
+    timings: dict[str, float]
+
+
+def scan_high_histograms(spec: ShardSpec) -> ScanResult:
+    """Pass 1 of a global trim: per expert, the high-16-bit histogram of |τ| over the shard."""
+    n = len(spec.method.weights)
+    totals, timings, nbytes = _scan(spec, lambda taus: [selection.high_histogram(selection.magnitude_bits(t)) for t in taus])
+    totals = totals or [torch.zeros(selection.HIGH_BUCKETS, dtype=torch.int64)] * n
+    return ScanResult(spec.index, [h.cpu().numpy() for h in totals], nbytes, timings)
+
+
+def scan_low_histograms(spec: ShardSpec, buckets: tuple[int, ...]) -> ScanResult:
+    """Pass 2: per expert, the low-16-bit histogram of |τ| inside that expert's threshold bucket."""
+    def accumulate(taus):
+        return [selection.low_histogram(selection.magnitude_bits(t), b) if b >= 0
+                else torch.zeros(selection.LOW_BUCKETS, dtype=torch.int64, device=t.device) for t, b in zip(taus, buckets)]
+
+    totals, timings, nbytes = _scan(spec, accumulate)
+    totals = totals or [torch.zeros(selection.LOW_BUCKETS, dtype=torch.int64)] * len(buckets)
+    return ScanResult(spec.index, [h.cpu().numpy() for h in totals], nbytes, timings)
+
+
+def scan_sign_sum(spec: ShardSpec, rules: tuple[TrimRule, ...]) -> ScanResult:
+    """Pass 3 (zero_sign majority): Σγ over the shard's elements, an exact integer."""
+    method = spec.method
+    n = len(rules)
+
+    def accumulate(taus):
+        total, _ = ties.elected_sign_sum(taus, weights=list(method.weights), rules=list(rules),
+                                         ties_before=[0] * n, sign_method=method.sign_method)
+        return [total]
+
+    totals, timings, nbytes = _scan(spec, accumulate)
+    return ScanResult(spec.index, totals or [0], nbytes, timings)
 
 
 def run_shard(spec: ShardSpec) -> ShardResult:
@@ -222,7 +297,7 @@ def run_shard(spec: ShardSpec) -> ShardResult:
                     with timer.track("write"):
                         writer.write(task.name, raw.to(out_dtype))
                 continue
-            for _, out in _merge_chunks(chunks, task, spec.method):
+            for _, out in _merge_chunks(chunks, task, spec):
                 with timer.track("convert"):
                     out = out.to(out_dtype).cpu()
                 with timer.track("write"):

@@ -71,13 +71,14 @@ def ties_chunk(base: torch.Tensor, taus: list[torch.Tensor], *, weights: list[fl
 
 
 def elected_sign_sum(taus: list[torch.Tensor], *, weights: list[float], rules: list[TrimRule],
-                     ties_before: list[int], sign_method: str) -> tuple[float, list[int]]:
-    """Σ γ over a chunk (before any zero-sign fill), for the majority sign; ``taus`` are consumed."""
+                     ties_before: list[int], sign_method: str) -> tuple[int, list[int]]:
+    """Σ γ over a chunk (before any zero-sign fill), an exact integer; ``taus`` are consumed."""
     weighted, ties = _trim_and_weight(taus, weights, rules, ties_before)
-    return float(elect(weighted, sign_method=sign_method).sum(dtype=torch.float64)), ties
+    gamma = elect(weighted, sign_method=sign_method)
+    return int((gamma > 0).sum()) - int((gamma < 0).sum()), ties
 
 
-def majority_sign(sign_sum: float) -> float:
+def majority_sign(sign_sum: int) -> float:
     """The paper's fallback for γ = 0: the sign of Σ γ over the scope (+1 when that is 0 too)."""
     return -1.0 if sign_sum < 0 else 1.0
 
