@@ -66,7 +66,7 @@ class _TwinLayer(nn.Module):
                 "twin layers need the batch as the first dimension of every activation"
             )
         dtype = x.dtype if x.is_floating_point() else self.base.weight.dtype  # embedding ids are integers
-        return w.to(dtype).view(w.shape[0], *([1] * (batch_dims - 1)), w.shape[1])
+        return w.to(device=x.device, dtype=dtype).view(w.shape[0], *([1] * (batch_dims - 1)), w.shape[1])
 
 
 class TwinLinear(_TwinLayer):
@@ -155,7 +155,7 @@ class TwinModel(nn.Module):
     ``factors_by_expert``: {expert: {weight name: (B, A) or Factors}};
     ``dense_deltas_by_expert``: {expert: {1-D tensor name: delta}}. Names are the shared model's
     parameter names. Expert order: the router's tasks when a router is given, else the order of
-    ``factors_by_expert``. ``feature_fn(*args, **inputs)`` overrides the router features (batch, d);
+    ``factors_by_expert`` (then experts with dense deltas only). ``feature_fn(*args, **inputs)`` overrides the router features (batch, d);
     it gets the forward's inputs while every delta is off, so it may run ``twin.model``.
     """
 
@@ -169,7 +169,11 @@ class TwinModel(nn.Module):
     ) -> None:
         super().__init__()
         dense_deltas_by_expert = dense_deltas_by_expert or {}
-        self.experts = list(router.tasks) if router is not None else list(factors_by_expert)
+        self.experts = (
+            list(router.tasks)
+            if router is not None
+            else list(factors_by_expert) + [e for e in dense_deltas_by_expert if e not in factors_by_expert]
+        )
         unknown = (set(factors_by_expert) | set(dense_deltas_by_expert)) - set(self.experts)
         if unknown:
             raise ValueError(f"experts {sorted(unknown)} have deltas but are not among {self.experts} (the router's tasks)")
