@@ -71,8 +71,7 @@ def with_global_rules(plan: ShardPlan, rules: tuple[TrimRule, ...], zero_sign: f
     return tuple(dataclasses.replace(s, trim_rules=rules, zero_sign=zero_sign) for s in plan.shards)
 
 
-def _sum_arrays(results) -> list[np.ndarray]:
-    totals = None
-    for r in sorted(results, key=lambda r: r.index):
-        totals = [np.array(v, dtype=np.int64) for v in r.values] if totals is None else [a + v for a, v in zip(totals, r.values)]
-    return totals
+def _sum_arrays(results) -> np.ndarray:
+    """[T, width] histograms summed over shards."""
+    return sum((np.asarray(r.values[0], dtype=np.int64) for r in results),
+               np.zeros_like(np.asarray(results[0].values[0], dtype=np.int64)))

@@ -17,6 +17,7 @@ from workers.tensor_io import FLOAT_DTYPES, ModelFiles, TensorInfo, itemsize, jo
 
 LOG = logging.getLogger(__name__)
 
+DEFAULT_MIN_SHARDS = 8  # without `shards:`, a small model still spreads over several tasks
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
@@ -222,7 +223,8 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
 def _shard_count(shards, total_bytes: int, n_tensors: int) -> int:
     if isinstance(shards, int):
         wanted = shards
+    elif shards is not None:
+        wanted = math.ceil(total_bytes / max(1, parse_bytes(shards)))
     else:
-        target = parse_bytes(shards) if shards is not None else DEFAULT_SHARD_BYTES
-        wanted = math.ceil(total_bytes / max(1, target))
+        wanted = max(DEFAULT_MIN_SHARDS, math.ceil(total_bytes / DEFAULT_SHARD_BYTES))
     return max(1, min(wanted, n_tensors))

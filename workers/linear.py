@@ -1,27 +1,21 @@
-"""Linear (weighted average) and task-arithmetic kernels: float32 tensors in, tensor out, no I/O."""
+"""Linear (weighted average) and task-arithmetic kernels over one flat chunk: tensors in, tensor out.
+
+Inputs are stacked [T, N] in any float dtype and computed in float32 in one pass (fusable by
+torch.compile, see workers/compiled.py); sums run in model order.
+"""
 
 from __future__ import annotations
 
 import torch
 
 
-def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Σ w_t x_t, summed in input order."""
-    total = torch.zeros_like(tensors[0])
-    for x, w in zip(tensors, weights):
-        total += x * w
-    return total
+def task_arithmetic_merge(base, experts, weights, lam, divisor, *, out_dtype: torch.dtype):
+    """θ₀ + λ·(Σ w_t τ_t / divisor); divisor = Σw when normalizing, else 1 (0-d float32 tensors)."""
+    tau = experts.float() - base.float()
+    total = (tau * weights.view(-1, 1)).sum(0)
+    return (base.float() + lam * (total / divisor)).to(out_dtype)
 
 
-def linear_chunk(models: list[torch.Tensor], *, weights: list[float], normalize: bool) -> torch.Tensor:
-    """Σ w_t θ_t, divided by Σ w_t when ``normalize``."""
-    total = weighted_sum(models, weights)
-    return total / sum(weights) if normalize else total
-
-
-def task_arithmetic_chunk(base: torch.Tensor, taus: list[torch.Tensor], *, weights: list[float], lam: float, normalize: bool) -> torch.Tensor:
-    """θ₀ + λ·Σ w_t τ_t (Σ w_t τ_t divided by Σ w_t when ``normalize``)."""
-    total = weighted_sum(taus, weights)
-    if normalize:
-        total = total / sum(weights)
-    return base + lam * total
+def linear_merge(models, weights, divisor, *, out_dtype: torch.dtype):
+    """Σ w_t θ_t / divisor; divisor = Σw when normalizing, else 1."""
+    return ((models.float() * weights.view(-1, 1)).sum(0) / divisor).to(out_dtype)

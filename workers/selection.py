@@ -18,20 +18,30 @@ HIGH_BUCKETS = 1 << 15  # high 16 bits of a non-negative float32 (the sign bit i
 LOW_BUCKETS = 1 << 16
 
 
-def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    """The int32 bit patterns of |x| for a float32 tensor, flattened."""
-    return x.abs().reshape(-1).view(torch.int32)
+def _magnitude_bits(base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    return (experts.float() - base.float()).abs().view(torch.int32)
 
 
-def high_histogram(bits: torch.Tensor) -> torch.Tensor:
-    """Counts of each high-16-bit bucket (int64, HIGH_BUCKETS long)."""
-    return torch.bincount(bits >> 16, minlength=HIGH_BUCKETS)
+def high_bucket_ids(base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Per element of τ = experts − base ([T, N]), its high-16-bit bucket of |τ|, offset by
+    t·HIGH_BUCKETS so one bincount histograms every expert (see ``count_ids``)."""
+    offset = torch.arange(experts.shape[0], device=experts.device, dtype=torch.int32).view(-1, 1) * HIGH_BUCKETS
+    return (_magnitude_bits(base, experts) >> 16) + offset
 
 
-def low_histogram(bits: torch.Tensor, bucket: int) -> torch.Tensor:
-    """Counts of each low-16-bit value among the elements in high bucket ``bucket``."""
-    inside = bits[(bits >> 16) == bucket]
-    return torch.bincount(inside & 0xFFFF, minlength=LOW_BUCKETS)
+def low_bucket_ids(base: torch.Tensor, experts: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """Per element, the low 16 bits of |τ| when its high bits equal expert t's ``buckets[t]``,
+    else a sentinel (LOW_BUCKETS); offset by t·(LOW_BUCKETS + 1)."""
+    bits = _magnitude_bits(base, experts)
+    offset = torch.arange(experts.shape[0], device=experts.device, dtype=torch.int32).view(-1, 1) * (LOW_BUCKETS + 1)
+    inside = (bits >> 16) == buckets.view(-1, 1)
+    return torch.where(inside, bits & 0xFFFF, LOW_BUCKETS) + offset
+
+
+def count_ids(ids: torch.Tensor, width: int) -> torch.Tensor:
+    """[T, width] int64 histograms from the offset ids of ``high_bucket_ids`` / ``low_bucket_ids``."""
+    n_experts = ids.shape[0]
+    return torch.bincount(ids.reshape(-1), minlength=n_experts * width).view(n_experts, width)
 
 
 def locate(hist: torch.Tensor, k: int) -> tuple[int, int]:

@@ -7,6 +7,7 @@ No Ray here: ``run_shard`` is a plain function of a ``ShardSpec`` that returns a
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from workers import linear, selection, ties
+from workers import compiled, linear, selection, ties
 from workers.methods import MethodOptions
 from workers.selection import TrimRule
 from workers.tensor_io import DTYPES, RangeReader, ShardWriter, TensorInfo, WrittenTensor, join_url, rows_of
@@ -86,22 +87,49 @@ class _Timer:
 
 
 class _ChunkReader:
-    """Reads row chunks of a tensor's inputs as float32 on the device, timing read and conversion."""
+    """Reads row chunks of a tensor's inputs into reused buffers on the task's device, timing the
+    read and the move. Inputs sharing one dtype are stacked raw ([T, N]); kernels upcast inside."""
 
     def __init__(self, reader: RangeReader, device: torch.device, timer: _Timer):
         self.reader, self.device, self.timer = reader, device, timer
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def _buffer(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        key = (slot, dtype, device.type)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < math.prod(shape):
+            buf = torch.empty(math.prod(shape), dtype=dtype, device=device,
+                              pin_memory=device.type == "cpu" and self.device.type == "cuda")
+            self._buffers[key] = buf
+        return buf[: math.prod(shape)].view(shape)
 
     def raw(self, info: TensorInfo, rows: tuple[int, int]) -> torch.Tensor:
+        """One input's rows, flat, in its stored dtype (a fresh tensor, on the CPU)."""
         with self.timer.track("read"):
             return self.reader.read_rows(info, *rows)
 
-    def floats(self, infos: tuple[TensorInfo, ...], rows: tuple[int, int]) -> list[torch.Tensor]:
-        out = []
-        for info in infos:
-            raw = self.raw(info, rows)
-            with self.timer.track("convert"):
-                out.append(raw.to(self.device, non_blocking=True).to(torch.float32))
-        return out
+    def stacked(self, infos: tuple[TensorInfo, ...], rows: tuple[int, int], slot: str) -> torch.Tensor:
+        """[len(infos), N] of the inputs' rows on the device; raw dtype when they share one, else float32."""
+        dtypes = {DTYPES[i.dtype] for i in infos}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        numel = _chunk_numel(infos[0], rows)
+        host = self._buffer(slot, (len(infos), numel), dtype, torch.device("cpu"))
+        for row, info in zip(host, infos):
+            if DTYPES[info.dtype] == dtype:
+                with self.timer.track("read"):
+                    self.reader.read_rows(info, *rows, out=row)
+            else:
+                raw = self.raw(info, rows)
+                with self.timer.track("convert"):
+                    row.copy_(raw)
+        if self.device.type == "cpu":
+            return host
+        with self.timer.track("convert"):
+            return self._buffer(slot, host.shape, dtype, self.device).copy_(host, non_blocking=True)
+
+
+def _chunk_numel(info: TensorInfo, rows: tuple[int, int]) -> int:
+    return (rows[1] - rows[0]) * math.prod(info.shape[1:]) if info.shape else 1
 
 
 def row_ranges(task: TensorTask) -> list[tuple[int, int]]:
@@ -111,38 +139,59 @@ def row_ranges(task: TensorTask) -> list[tuple[int, int]]:
     return [(r, min(n, r + step)) for r in range(0, n, step)] or [(0, 0)]
 
 
-def _inputs_as_taus(chunks: _ChunkReader, task: TensorTask, rows) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    base, *experts = chunks.floats(task.inputs, rows)
-    with chunks.timer.track("kernel"):
-        for x in experts:
-            x.sub_(base)
-    return base, experts
+def _scalar(x: float, device) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32, device=device)
 
 
-def _per_tensor_rules(chunks: _ChunkReader, task: TensorTask, method: MethodOptions, ranges, cached) -> list[TrimRule]:
+class _MergeInputs:
+    """A merged tensor's chunks as (base [N], experts [T, N]); a tensor that fits in one chunk is
+    read once and kept across the passes of a trim."""
+
+    def __init__(self, chunks: _ChunkReader, task: TensorTask, uses_base: bool):
+        self.chunks, self.task, self.uses_base = chunks, task, uses_base
+        self.ranges = row_ranges(task)
+        self._cached = None
+
+    def load(self, rows):
+        if len(self.ranges) == 1 and self._cached is not None:
+            return self._cached
+        if self.uses_base:
+            loaded = (self.chunks.stacked(self.task.inputs[:1], rows, "base")[0],
+                      self.chunks.stacked(self.task.inputs[1:], rows, "experts"))
+        else:
+            loaded = (None, self.chunks.stacked(self.task.inputs, rows, "experts"))
+        if len(self.ranges) == 1:
+            self._cached = loaded
+        return loaded
+
+
+
+def _histograms(inputs: _MergeInputs, buckets: torch.Tensor | None, timer: _Timer) -> torch.Tensor:
+    """[T, width] counts of |τ|'s high bits (``buckets`` None) or of its low bits inside each
+    expert's bucket, over every chunk of the tensor."""
+    total = None
+    for rows in inputs.ranges:
+        base, experts = inputs.load(rows)
+        with timer.track("kernel"):
+            if buckets is None:
+                ids = compiled.run(selection.high_bucket_ids, base, experts, numel=experts.numel())
+                counts = selection.count_ids(ids, selection.HIGH_BUCKETS)
+            else:
+                ids = compiled.run(selection.low_bucket_ids, base, experts, buckets, numel=experts.numel())
+                counts = selection.count_ids(ids, selection.LOW_BUCKETS + 1)[:, : selection.LOW_BUCKETS]
+            total = counts if total is None else total + counts
+    return total
+
+
+def _per_tensor_rules(inputs: _MergeInputs, method: MethodOptions, timer: _Timer) -> list[TrimRule]:
     """Trim rules for one tensor: the exact n_keep largest |τ| per expert (two counting passes)."""
-    numel = 1
-    for s in task.shape:
-        numel *= s
+    numel = math.prod(inputs.task.shape)
     ks = [selection.top_n_k(numel, d) for d in method.densities]
     if all(k is None for k in ks):
         return [selection.trivial_top_n_rule(numel, d) for d in method.densities]
-    n_experts = len(method.densities)
-    highs = [torch.zeros(selection.HIGH_BUCKETS, dtype=torch.int64, device=chunks.device) for _ in range(n_experts)]
-    lows = [torch.zeros(selection.LOW_BUCKETS, dtype=torch.int64, device=chunks.device) for _ in range(n_experts)]
-    for rows in ranges:
-        _, taus = cached(rows)
-        with chunks.timer.track("kernel"):
-            for t, tau in enumerate(taus):
-                if ks[t] is not None:
-                    highs[t] += selection.high_histogram(selection.magnitude_bits(tau))
+    highs = _histograms(inputs, None, timer).cpu()
     buckets = [selection.locate(h, k)[0] if k is not None else -1 for h, k in zip(highs, ks)]
-    for rows in ranges:
-        _, taus = cached(rows)
-        with chunks.timer.track("kernel"):
-            for t, tau in enumerate(taus):
-                if ks[t] is not None:
-                    lows[t] += selection.low_histogram(selection.magnitude_bits(tau), buckets[t])
+    lows = _histograms(inputs, torch.tensor(buckets, dtype=torch.int32, device=inputs.chunks.device), timer).cpu()
     return [
         selection.top_n_rule(highs[t], buckets[t], lows[t], int(d * numel)) if ks[t] is not None
         else selection.trivial_top_n_rule(numel, d)
@@ -150,89 +199,85 @@ def _per_tensor_rules(chunks: _ChunkReader, task: TensorTask, method: MethodOpti
     ]
 
 
-def _merge_ties(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, ranges):
-    method = spec.method
-    single = len(ranges) == 1
-    cache: dict = {}
+class _TrimCuts:
+    """Per-chunk ``thr`` / ``cut`` tensors for the kernels, carrying tie counts across chunks.
 
-    def cached(rows):
-        # a tensor that fits in one chunk is read once and kept across the counting passes
-        if single:
-            if rows not in cache:
-                cache[rows] = _inputs_as_taus(chunks, task, rows)
-            return cache[rows]
-        return _inputs_as_taus(chunks, task, rows)
+    Only rules with a tie quota look at the data; a quota at threshold 0 needs no cut either,
+    since a zero τ contributes nothing whichever way it is trimmed."""
 
+    def __init__(self, rules: list[TrimRule], device):
+        self.rules, self.device = rules, device
+        self.thr = torch.tensor([r.threshold for r in rules], dtype=torch.float32, device=device)
+        self._quota = [r.tie_quota is not None and r.threshold > 0 for r in rules]
+        self._ties_before = [0] * len(rules)
+
+    def for_chunk(self, base, experts) -> torch.Tensor:
+        cuts = [ties.ALL_TIES] * len(self.rules)
+        if any(self._quota):
+            tied = compiled.run(ties.tied_mask, base, experts, self.thr, numel=experts.numel())
+            for t, rule in enumerate(self.rules):
+                if self._quota[t]:
+                    cuts[t], n_tied = ties.tie_cut(tied[t], rule, self._ties_before[t])
+                    self._ties_before[t] += n_tied
+        return torch.tensor(cuts, dtype=torch.int64, device=self.device)
+
+
+def _merge_ties(inputs: _MergeInputs, spec: ShardSpec, out_dtype: torch.dtype, timer: _Timer):
+    method, device = spec.method, inputs.chunks.device
     if spec.trim_rules is not None:  # global scope: rules and zero sign come from the whole model
         rules, zero_sign = list(spec.trim_rules), spec.zero_sign
     else:
-        rules = _per_tensor_rules(chunks, task, method, ranges, cached)
+        rules = _per_tensor_rules(inputs, method, timer)
         zero_sign = None if method.zero_sign == "majority" else 1.0
-    options = dict(weights=list(method.weights), rules=rules, sign_method=method.sign_method)
+    weights = torch.tensor(method.weights, dtype=torch.float32, device=device)
+    sign_by_count = method.sign_method == "count"
     if zero_sign is None:  # per-tensor majority: Σγ over this tensor first
-        ties_seen = [0] * len(rules)
-        sign_sum = 0
-        for rows in ranges:
-            _, taus = cached(rows)
-            with chunks.timer.track("kernel"):
-                taus = [t.clone() for t in taus] if single else taus
-                part, seen = ties.elected_sign_sum(taus, ties_before=ties_seen, **options)
-            sign_sum += part
-            ties_seen = [a + b for a, b in zip(ties_seen, seen)]
+        cuts, sign_sum = _TrimCuts(rules, device), 0
+        for rows in inputs.ranges:
+            base, experts = inputs.load(rows)
+            with timer.track("kernel"):
+                positive, negative = compiled.run(ties.ties_vote_counts, base, experts, cuts.thr,
+                                                  cuts.for_chunk(base, experts), weights,
+                                                  sign_by_count=sign_by_count, numel=experts.numel())
+                sign_sum += int(positive) - int(negative)
         zero_sign = ties.majority_sign(sign_sum)
-    ties_seen = [0] * len(rules)
-    for rows in ranges:
-        base, taus = cached(rows)
-        cache.clear()
-        with chunks.timer.track("kernel"):
-            out, seen = ties.ties_chunk(base, taus, ties_before=ties_seen, zero_sign=zero_sign,
-                                        lam=method.lam, normalize=method.normalize, **options)
-        ties_seen = [a + b for a, b in zip(ties_seen, seen)]
-        yield rows, out
-
-
-def _merge_chunks(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec):
-    """Yield (rows, float32 merged chunk) for one merged tensor."""
-    ranges = row_ranges(task)
-    method = spec.method
-    if method.method == "ties":
-        yield from _merge_ties(chunks, task, spec, ranges)
-        return
-    for rows in ranges:
-        if method.method == "linear":
-            models = chunks.floats(task.inputs, rows)
-            with chunks.timer.track("kernel"):
-                out = linear.linear_chunk(models, weights=list(method.weights), normalize=method.normalize)
-        else:
-            base, taus = _inputs_as_taus(chunks, task, rows)
-            with chunks.timer.track("kernel"):
-                out = linear.task_arithmetic_chunk(base, taus, weights=list(method.weights), lam=method.lam,
-                                                   normalize=method.normalize)
-        yield rows, out
-
-
-def _scan_taus(spec: ShardSpec, chunks: _ChunkReader):
-    """Every (expert index, τ chunk) of the shard's merged tensors, tied copies skipped."""
-    for task in spec.tensors:
-        if task.action != "merge" or task.tied_to is not None:
-            continue
-        for rows in row_ranges(task):
-            _, taus = _inputs_as_taus(chunks, task, rows)
-            yield taus
-
-
-def _scan(spec: ShardSpec, accumulate) -> tuple[list, dict[str, float], int]:
-    timer = _Timer()
-    t0 = time.perf_counter()
-    reader = RangeReader(spec.storage_options)
-    chunks = _ChunkReader(reader, pick_device(), timer)
-    totals = None
-    for taus in _scan_taus(spec, chunks):
+    cuts = _TrimCuts(rules, device)
+    lam, zero = _scalar(method.lam, device), _scalar(zero_sign, device)
+    for rows in inputs.ranges:
+        base, experts = inputs.load(rows)
         with timer.track("kernel"):
-            parts = accumulate(taus)
-        totals = parts if totals is None else [a + b for a, b in zip(totals, parts)]
-    timer.seconds["total"] = time.perf_counter() - t0
-    return totals, dict(timer.seconds), reader.bytes_read
+            out = compiled.run(ties.ties_merge, base, experts, cuts.thr, cuts.for_chunk(base, experts), weights,
+                               lam, zero, sign_by_count=sign_by_count, normalize=method.normalize,
+                               out_dtype=out_dtype, numel=experts.numel())
+        yield rows, out
+
+
+def _merge_chunks(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, out_dtype: torch.dtype = torch.float32):
+    """Yield (rows, merged flat chunk in ``out_dtype``) for one merged tensor."""
+    method, device = spec.method, chunks.device
+    inputs = _MergeInputs(chunks, task, method.uses_base)
+    if method.method == "ties":
+        yield from _merge_ties(inputs, spec, out_dtype, chunks.timer)
+        return
+    weights = torch.tensor(method.weights, dtype=torch.float32, device=device)
+    divisor = _scalar(sum(method.weights) if method.normalize else 1.0, device)
+    for rows in inputs.ranges:
+        base, experts = inputs.load(rows)
+        with chunks.timer.track("kernel"):
+            if method.method == "linear":
+                out = compiled.run(linear.linear_merge, experts, weights, divisor, out_dtype=out_dtype,
+                                   numel=experts.numel())
+            else:
+                out = compiled.run(linear.task_arithmetic_merge, base, experts, weights, _scalar(method.lam, device),
+                                   divisor, out_dtype=out_dtype, numel=experts.numel())
+        yield rows, out
+
+
+def _scan_inputs(spec: ShardSpec, chunks: _ChunkReader):
+    """The _MergeInputs of every merged tensor of the shard, tied copies skipped."""
+    for task in spec.tensors:
+        if task.action == "merge" and task.tied_to is None:
+            yield _MergeInputs(chunks, task, uses_base=True)
 
 
 @dataclass(frozen=True)
@@ -240,42 +285,61 @@ class ScanResult:
     """Per-expert statistics of one shard for a global trim (small arrays, never tensors)."""
 
     index: int
-    values: list  # per expert: a numpy histogram, or an int
+    values: list  # per expert: a numpy histogram, or one int
     bytes_read: int
     timings: dict[str, float]
 
 
+def _scan(spec: ShardSpec, accumulate, initial: list) -> ScanResult:
+    """Run ``accumulate(inputs, totals)`` over every merged tensor of the shard."""
+    timer = _Timer()
+    t0 = time.perf_counter()
+    reader = RangeReader(spec.storage_options)
+    chunks = _ChunkReader(reader, pick_device(), timer)
+    totals = initial
+    try:
+        for inputs in _scan_inputs(spec, chunks):
+            totals = accumulate(inputs, totals, timer)
+    finally:
+        reader.close()
+    timer.seconds["total"] = time.perf_counter() - t0
+    values = [v.cpu().numpy() if isinstance(v, torch.Tensor) else v for v in totals]
+    return ScanResult(spec.index, values, reader.bytes_read, dict(timer.seconds))
+
+
 def scan_high_histograms(spec: ShardSpec) -> ScanResult:
     """Pass 1 of a global trim: per expert, the high-16-bit histogram of |τ| over the shard."""
-    n = len(spec.method.weights)
-    totals, timings, nbytes = _scan(spec, lambda taus: [selection.high_histogram(selection.magnitude_bits(t)) for t in taus])
-    totals = totals or [torch.zeros(selection.HIGH_BUCKETS, dtype=torch.int64)] * n
-    return ScanResult(spec.index, [h.cpu().numpy() for h in totals], nbytes, timings)
+    return _scan(spec, lambda inputs, totals, timer: [totals[0] + _histograms(inputs, None, timer).cpu()],
+                 [torch.zeros(len(spec.method.weights), selection.HIGH_BUCKETS, dtype=torch.int64)])
 
 
 def scan_low_histograms(spec: ShardSpec, buckets: tuple[int, ...]) -> ScanResult:
     """Pass 2: per expert, the low-16-bit histogram of |τ| inside that expert's threshold bucket."""
-    def accumulate(taus):
-        return [selection.low_histogram(selection.magnitude_bits(t), b) if b >= 0
-                else torch.zeros(selection.LOW_BUCKETS, dtype=torch.int64, device=t.device) for t, b in zip(taus, buckets)]
+    def accumulate(inputs, totals, timer):
+        ids = torch.tensor(buckets, dtype=torch.int32, device=inputs.chunks.device)
+        return [totals[0] + _histograms(inputs, ids, timer).cpu()]
 
-    totals, timings, nbytes = _scan(spec, accumulate)
-    totals = totals or [torch.zeros(selection.LOW_BUCKETS, dtype=torch.int64)] * len(buckets)
-    return ScanResult(spec.index, [h.cpu().numpy() for h in totals], nbytes, timings)
+    return _scan(spec, accumulate, [torch.zeros(len(buckets), selection.LOW_BUCKETS, dtype=torch.int64)])
 
 
 def scan_sign_sum(spec: ShardSpec, rules: tuple[TrimRule, ...]) -> ScanResult:
     """Pass 3 (zero_sign majority): Σγ over the shard's elements, an exact integer."""
     method = spec.method
-    n = len(rules)
 
-    def accumulate(taus):
-        total, _ = ties.elected_sign_sum(taus, weights=list(method.weights), rules=list(rules),
-                                         ties_before=[0] * n, sign_method=method.sign_method)
-        return [total]
+    def accumulate(inputs, totals, timer):
+        device = inputs.chunks.device
+        weights = torch.tensor(method.weights, dtype=torch.float32, device=device)
+        cuts = _TrimCuts(list(rules), device)
+        for rows in inputs.ranges:
+            base, experts = inputs.load(rows)
+            with timer.track("kernel"):
+                positive, negative = compiled.run(ties.ties_vote_counts, base, experts, cuts.thr,
+                                                  cuts.for_chunk(base, experts), weights,
+                                                  sign_by_count=method.sign_method == "count", numel=experts.numel())
+                totals = [totals[0] + int(positive) - int(negative)]
+        return totals
 
-    totals, timings, nbytes = _scan(spec, accumulate)
-    return ScanResult(spec.index, totals or [0], nbytes, timings)
+    return _scan(spec, accumulate, [0])
 
 
 def run_shard(spec: ShardSpec) -> ShardResult:
@@ -297,9 +361,7 @@ def run_shard(spec: ShardSpec) -> ShardResult:
                     with timer.track("write"):
                         writer.write(task.name, raw.to(out_dtype))
                 continue
-            for _, out in _merge_chunks(chunks, task, spec):
-                with timer.track("convert"):
-                    out = out.to(out_dtype).cpu()
+            for _, out in _merge_chunks(chunks, task, spec, out_dtype):
                 with timer.track("write"):
                     writer.write(task.name, out)
         with timer.track("write"):
@@ -307,6 +369,8 @@ def run_shard(spec: ShardSpec) -> ShardResult:
     except BaseException:
         LOG.exception("shard %d (%s) failed", spec.index, spec.file_name)
         raise
+    finally:
+        reader.close()
     timer.seconds["total"] = time.perf_counter() - t_start
     LOG.info("shard %d: %d tensors, %.1f MB read in %.2fs", spec.index, len(spec.tensors), reader.bytes_read / 1e6,
              timer.seconds["total"])

@@ -196,11 +196,16 @@ def resolve_model(url: str, *, storage_options: dict[str, Any] | None = None) ->
 
 
 class RangeReader:
-    """Ranged reads of tensors (whole or by rows), keeping one filesystem handle per file URL."""
+    """Ranged reads of tensors (whole or by rows), keeping one filesystem handle per file URL.
+
+    Local files are read straight into the caller's buffer (``readinto``); object stores answer
+    one ranged GET per read.
+    """
 
     def __init__(self, storage_options: dict[str, Any] | None = None):
         self._storage_options = storage_options
         self._fs: dict[str, tuple[fsspec.AbstractFileSystem, str]] = {}
+        self._local_files: dict[str, Any] = {}
         self.bytes_read = 0
 
     def _open(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -208,24 +213,49 @@ class RangeReader:
             self._fs[url] = open_fs(url, self._storage_options)
         return self._fs[url]
 
-    def read_bytes(self, info: TensorInfo, start: int, end: int) -> bytearray:
-        """Bytes [start, end) of a tensor's data, relative to the tensor's first byte."""
+    def _read_into(self, info: TensorInfo, start: int, out: memoryview) -> None:
         fs, path = self._open(info.file_url)
-        data = fs.cat_file(path, start=info.start + start, end=info.start + end)
-        if len(data) != end - start:
-            raise CheckpointError(f"{info.file_url}: short read of {len(data)} of {end - start} bytes; the file changed or is truncated")
-        self.bytes_read += len(data)
-        return bytearray(data)
+        if _is_local(fs):
+            if path not in self._local_files:
+                self._local_files[path] = open(path, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
+            f = self._local_files[path]
+            f.seek(info.start + start)
+            got = f.readinto(out)
+        else:
+            data = fs.cat_file(path, start=info.start + start, end=info.start + start + len(out))
+            got = len(data)
+            out[:got] = data
+        if got != len(out):
+            raise CheckpointError(f"{info.file_url}: short read of {got} of {len(out)} bytes; the file changed or is truncated")
+        self.bytes_read += got
 
-    def read_rows(self, info: TensorInfo, row_start: int, row_end: int) -> torch.Tensor:
-        """Rows [row_start, row_end) along dim 0 as a tensor of the stored dtype (bit-exact)."""
-        row_shape = info.shape[1:]
-        row_bytes = itemsize(info.dtype) * _prod(row_shape)
-        raw = self.read_bytes(info, row_start * row_bytes, row_end * row_bytes)
-        shape = (row_end - row_start, *row_shape) if info.shape else ()
-        if not raw:
-            return torch.empty(shape, dtype=DTYPES[info.dtype])
-        return torch.frombuffer(raw, dtype=DTYPES[info.dtype]).reshape(shape)
+    def read_rows(self, info: TensorInfo, row_start: int, row_end: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [row_start, row_end) along dim 0 in the stored dtype (bit-exact), flattened.
+
+        With ``out`` (a contiguous buffer of the stored dtype and the right size) the bytes land
+        there without a copy.
+        """
+        row_elements = _prod(info.shape[1:])
+        numel = (row_end - row_start) * row_elements if info.shape else 1
+        dtype = DTYPES[info.dtype]
+        if out is None:
+            out = torch.empty(numel, dtype=dtype)
+        if out.dtype != dtype or out.numel() != numel or not out.is_contiguous():
+            raise ValueError(f"buffer {out.dtype}[{out.numel()}] cannot hold {info.dtype}[{numel}] of {info.file_url}")
+        if numel:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+            self._read_into(info, row_start * row_elements * itemsize(info.dtype), view)
+        return out
+
+    def close(self) -> None:
+        for f in self._local_files.values():
+            f.close()
+        self._local_files.clear()
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
 
 
 def _prod(shape: tuple[int, ...]) -> int:

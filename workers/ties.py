@@ -1,7 +1,10 @@
-"""TIES-Merging kernels (trim, elect sign, disjoint merge): float32 tensors in, tensors out, no I/O.
+"""TIES-Merging kernels (trim, elect sign, disjoint merge) over one flat chunk: tensors in, tensors out.
 
-Every function works on a chunk of rows as well as on a whole tensor; the state that spans chunks
-(how many threshold ties were kept so far) is passed in and returned explicitly.
+Inputs are the base chunk ``base`` [N] and the stacked experts ``experts`` [T, N] in any float
+dtype; everything is computed in float32 in one pass (fusable by torch.compile, see
+workers/compiled.py). Trim rules arrive per expert as ``thr`` (keep |τ| > thr) and ``cut`` (a
+tie |τ| == thr is kept when its flat index in the chunk is <= cut; ALL_TIES keeps every tie,
+-1 none), so a tie quota spanning row chunks is exact.
 """
 
 from __future__ import annotations
@@ -10,82 +13,68 @@ import torch
 
 from workers.selection import TrimRule
 
+ALL_TIES = 1 << 62
 
-def trim_(tau: torch.Tensor, rule: TrimRule, ties_before: int) -> int:
-    """Zero, in place, the entries of ``tau`` the rule drops; returns the threshold ties seen in this chunk.
 
-    ``ties_before`` counts |τ| == threshold entries in earlier chunks of the same tensor, so a
-    tie quota keeps the lowest flat indices across chunks.
-    """
+def _column(x: torch.Tensor) -> torch.Tensor:
+    return x.view(-1, 1)
+
+
+def trimmed_weighted(base, experts, thr, cut, weights):
+    """w_t · trimmed τ_t, [T, N] float32."""
+    tau = experts.float() - base.float()
     magnitude = tau.abs()
-    if rule.tie_quota is None:
-        tau.mul_(magnitude >= rule.threshold)
-        return 0
-    tied = magnitude == rule.threshold
-    keep = magnitude > rule.threshold
-    remaining = rule.tie_quota - ties_before
-    if remaining > 0:
-        tie_rank = torch.cumsum(tied.reshape(-1), 0)
-        keep |= (tied.reshape(-1) & (tie_rank <= remaining)).view_as(keep)
-    tau.mul_(keep)
-    return int(tied.sum())
+    index = torch.arange(tau.shape[1], device=tau.device)
+    keep = (magnitude > _column(thr)) | ((magnitude == _column(thr)) & (index <= _column(cut)))
+    return torch.where(keep, tau, 0.0) * _column(weights)
 
 
-def elect(weighted: list[torch.Tensor], *, sign_method: str) -> torch.Tensor:
-    """γ = sign(Σ w·τ) ("sum") or sign(Σ sign(w·τ)) ("count"), summed in expert order; zeros stay 0."""
-    total = torch.zeros_like(weighted[0])
-    for w_tau in weighted:
-        total += w_tau if sign_method == "sum" else torch.sign(w_tau)
-    return torch.sign(total)
+def vote(weighted, sign_by_count: bool):
+    """γ = sign(Σ w·τ) (mass) or sign(Σ sign(w·τ)) (count), summed in expert order; 0 where tied."""
+    if sign_by_count:
+        return torch.sign(torch.sign(weighted).sum(0))
+    return torch.sign(weighted.sum(0))
 
 
-def fill_zero_sign_(gamma: torch.Tensor, zero_sign: float) -> torch.Tensor:
-    """Where the vote is 0, use ``zero_sign`` (+1 mergekit, or the majority sign of the scope)."""
-    return gamma.masked_fill_(gamma == 0, zero_sign)
+def ties_merge(base, experts, thr, cut, weights, lam, zero_sign, *, sign_by_count: bool, normalize: bool,
+               out_dtype: torch.dtype):
+    """θ₀ + λ·τ_m: the w·τ agreeing with γ summed (divided by their Σw when ``normalize``; 0 where
+    none agree), γ = 0 replaced by ``zero_sign``. Scalars come as 0-d float32 tensors."""
+    weighted = trimmed_weighted(base, experts, thr, cut, weights)
+    gamma = vote(weighted, sign_by_count)
+    gamma = torch.where(gamma == 0, zero_sign, gamma)
+    agree = weighted * gamma > 0
+    merged = torch.where(agree, weighted, 0.0).sum(0)
+    if normalize:
+        divisor = torch.where(agree, _column(weights), 0.0).sum(0)
+        merged = merged / torch.where(divisor == 0, 1.0, divisor)
+    return (base.float() + lam * merged).to(out_dtype)
 
 
-def disjoint_merge(weighted: list[torch.Tensor], weights: list[float], gamma: torch.Tensor, *, normalize: bool) -> torch.Tensor:
-    """τ_m: Σ of the w·τ agreeing with γ, divided by Σ of their weights when ``normalize`` (0 where none agree)."""
-    merged = torch.zeros_like(gamma)
-    divisor = torch.zeros_like(gamma) if normalize else None
-    for w_tau, w in zip(weighted, weights):
-        agree = torch.sign(w_tau) == gamma
-        merged += w_tau * agree
-        if divisor is not None:
-            divisor += agree * w
-    if divisor is not None:
-        merged /= divisor.masked_fill_(divisor == 0, 1.0)
-    return merged
-
-
-def ties_chunk(base: torch.Tensor, taus: list[torch.Tensor], *, weights: list[float], rules: list[TrimRule],
-               ties_before: list[int], sign_method: str, zero_sign: float, lam: float, normalize: bool) -> tuple[torch.Tensor, list[int]]:
-    """θ₀ + λ·τ_m for one chunk. ``taus`` are consumed (trimmed and weighted in place).
-
-    Returns the merged chunk and the threshold ties seen per expert in this chunk.
-    """
-    weighted, ties = _trim_and_weight(taus, weights, rules, ties_before)
-    gamma = fill_zero_sign_(elect(weighted, sign_method=sign_method), zero_sign)
-    merged = disjoint_merge(weighted, weights, gamma, normalize=normalize)
-    return base + lam * merged, ties
-
-
-def elected_sign_sum(taus: list[torch.Tensor], *, weights: list[float], rules: list[TrimRule],
-                     ties_before: list[int], sign_method: str) -> tuple[int, list[int]]:
-    """Σ γ over a chunk (before any zero-sign fill), an exact integer; ``taus`` are consumed."""
-    weighted, ties = _trim_and_weight(taus, weights, rules, ties_before)
-    gamma = elect(weighted, sign_method=sign_method)
-    return int((gamma > 0).sum()) - int((gamma < 0).sum()), ties
+def ties_vote_counts(base, experts, thr, cut, weights, *, sign_by_count: bool):
+    """(#γ > 0, #γ < 0) over a chunk before any zero-sign fill, for the majority sign."""
+    gamma = vote(trimmed_weighted(base, experts, thr, cut, weights), sign_by_count)
+    return (gamma > 0).sum(), (gamma < 0).sum()
 
 
 def majority_sign(sign_sum: int) -> float:
-    """The paper's fallback for γ = 0: the sign of Σ γ over the scope (+1 when that is 0 too)."""
+    """The paper's fallback for γ = 0: the sign of Σγ over the scope (+1 when that is 0 too)."""
     return -1.0 if sign_sum < 0 else 1.0
 
 
-def _trim_and_weight(taus, weights, rules, ties_before):
-    ties = []
-    for tau, w, rule, before in zip(taus, weights, rules, ties_before):
-        ties.append(trim_(tau, rule, before))
-        tau.mul_(w)
-    return taus, ties
+def tied_mask(base, experts, thr):
+    """[T, N] bool: |τ_t| equals expert t's threshold."""
+    return (experts.float() - base.float()).abs() == thr.view(-1, 1)
+
+
+def tie_cut(tied: torch.Tensor, rule: TrimRule, ties_before: int) -> tuple[int, int]:
+    """The ``cut`` index for one expert's chunk (``tied``: its flat |τ| == threshold mask) and the
+    number of threshold ties in it. A tie quota keeps the first ``tie_quota - ties_before`` ties
+    of this chunk in index order."""
+    n_tied = int(tied.count_nonzero())
+    remaining = rule.tie_quota - ties_before
+    if remaining <= 0:
+        return -1, n_tied
+    if remaining >= n_tied:
+        return ALL_TIES, n_tied
+    return int(tied.nonzero()[remaining - 1, 0]), n_tied

@@ -1,0 +1,117 @@
+"""Benchmark mergefleet on synthetic Llama-shaped checkpoints; prints JSON (and a Markdown table).
+
+    .venv/bin/python bench/run.py --hidden 1024 --layers 8 --experts 4 --methods ties ties_global
+
+Every method runs on the same inputs in one process, so the ratios between rows are comparable on a
+noisy machine. Inputs are built once under --workdir and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.coordinator import connect_ray, run_merge  # noqa: E402
+from pipeline.samples import LLAMA_CONFIG, build_sample_models  # noqa: E402
+
+METHODS = {
+    "linear": {"merge_method": "linear"},
+    "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.4}},
+    "ties": {"merge_method": "ties", "parameters": {"density": 0.2}},
+    "ties_global": {"merge_method": "ties", "parameters": {"density": 0.2, "trim_scope": "global"}},
+}
+
+
+def build_inputs(workdir: Path, args) -> tuple[Path, list[Path]]:
+    marker = workdir / "inputs.json"
+    spec = {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate, "vocab": args.vocab,
+            "experts": args.experts}
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return workdir / "models" / "base", [workdir / "models" / f"expert{i}" for i in range(args.experts)]
+    shutil.rmtree(workdir / "models", ignore_errors=True)
+    config = {**LLAMA_CONFIG, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
+              "intermediate_size": args.intermediate, "vocab_size": args.vocab}
+    base, experts = build_sample_models(workdir / "models", n_experts=args.experts, config=config,
+                                        max_file_bytes=2 * 1024**3)
+    marker.write_text(json.dumps(spec))
+    return base, experts
+
+
+def run_one(name: str, base: Path, experts: list[Path], out: Path, args) -> dict:
+    method = METHODS[name]
+    config = {**method, "output": str(out), "dtype": "bfloat16", "memory_budget": args.memory_budget,
+              "models": [{"model": str(e), "parameters": {"weight": 1.0}} for e in experts]}
+    if method["merge_method"] == "linear":
+        config["models"].insert(0, {"model": str(base), "parameters": {"weight": 1.0}})
+    else:
+        config["base_model"] = str(base)
+    if args.shards:
+        config["shards"] = args.shards
+    t0 = time.perf_counter()
+    manifest = run_merge(load_config(config), overwrite=True, progress=False)
+    wall = time.perf_counter() - t0
+    input_bytes = sum(i["bytes"] for i in manifest.inputs)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"method": name, "wall_s": round(wall, 3), "input_gb": round(input_bytes / 1e9, 3),
+            "input_gb_per_s": round(input_bytes / 1e9 / wall, 3),
+            "bytes_read_gb": round((manifest.bytes_read + manifest.extra.get("global_trim", {}).get("scan_bytes_read", 0)) / 1e9, 3),
+            "stages_s": manifest.timings["stages"], "global_trim_s": manifest.timings.get("global_trim"),
+            "shards": len(manifest.timings["shards"])}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--shards", type=int, default=None)
+    parser.add_argument("--memory-budget", default="4GB")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per method (the fastest is reported)")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mergefleet-bench"))
+    parser.add_argument("--json", help="also write the JSON here")
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    t0 = time.perf_counter()
+    base, experts = build_inputs(workdir, args)
+    build_s = time.perf_counter() - t0
+    connect_ray(None)
+    rows = []
+    for name in args.methods:
+        runs = [run_one(name, base, experts, workdir / f"out-{name}", args) for _ in range(args.repeat)]
+        rows.append(min(runs, key=lambda r: r["wall_s"]))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    report = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                          "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+              "inputs": {"hidden": args.hidden, "layers": args.layers, "experts": args.experts, "build_s": round(build_s, 1)},
+              "results": rows}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    print("\n| method | wall s | input GB/s | read | convert | kernel | write |", file=sys.stderr)
+    print("|---|---|---|---|---|---|---|", file=sys.stderr)
+    for r in rows:
+        s = r["stages_s"]
+        print(f"| {r['method']} | {r['wall_s']} | {r['input_gb_per_s']} | {s['read']} | {s['convert']} | {s['kernel']} | {s['write']} |",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
