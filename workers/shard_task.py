@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from workers import compiled, linear, selection, ties
+from workers.memory import PeakAnonMemory
 from workers.methods import MethodOptions
 from workers.selection import TrimRule
 from workers.tensor_io import DTYPES, RangeReader, ShardWriter, TensorInfo, WrittenTensor, join_url, rows_of
@@ -48,6 +49,7 @@ class ShardSpec:
     storage_options: dict[str, Any] = field(default_factory=dict)
     trim_rules: tuple[TrimRule, ...] | None = None  # global TIES: one rule per expert for the whole model
     zero_sign: float | None = None  # global TIES: the model-wide majority sign for γ = 0
+    nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in an input: raise, or merge anyway
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class ShardResult:
     bytes_read: int
     timings: dict[str, float]
     device: str
+    peak_rss_anon: int | None = None  # bytes of anonymous memory of the task's process at its peak
 
 
 def pick_device() -> torch.device:
@@ -143,23 +146,40 @@ def _scalar(x: float, device) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float32, device=device)
 
 
+class NonFiniteInputError(ValueError):
+    """An input tensor holds NaN or Inf."""
+
+
 class _MergeInputs:
     """A merged tensor's chunks as (base [N], experts [T, N]); a tensor that fits in one chunk is
-    read once and kept across the passes of a trim."""
+    read once and kept across the passes of a trim. With ``check_finite`` every chunk is checked
+    for NaN / Inf as it is read."""
 
-    def __init__(self, chunks: _ChunkReader, task: TensorTask, uses_base: bool):
-        self.chunks, self.task, self.uses_base = chunks, task, uses_base
+    def __init__(self, chunks: _ChunkReader, task: TensorTask, uses_base: bool, check_finite: bool = True):
+        self.chunks, self.task, self.uses_base, self.check_finite = chunks, task, uses_base, check_finite
         self.ranges = row_ranges(task)
         self._cached = None
+
+    def _check(self, stacked: torch.Tensor, infos: tuple[TensorInfo, ...], rows) -> None:
+        finite = torch.isfinite(stacked).all(dim=1)
+        if not bool(finite.all()):
+            bad = infos[int((~finite).nonzero()[0, 0])]
+            raise NonFiniteInputError(
+                f"tensor {self.task.name!r} (rows {rows[0]}..{rows[1]}) of {bad.file_url} holds NaN or Inf; "
+                "fix or re-export that checkpoint, or set nan_policy: allow to merge it anyway")
 
     def load(self, rows):
         if len(self.ranges) == 1 and self._cached is not None:
             return self._cached
-        if self.uses_base:
-            loaded = (self.chunks.stacked(self.task.inputs[:1], rows, "base")[0],
-                      self.chunks.stacked(self.task.inputs[1:], rows, "experts"))
-        else:
-            loaded = (None, self.chunks.stacked(self.task.inputs, rows, "experts"))
+        split = 1 if self.uses_base else 0
+        base_rows = self.chunks.stacked(self.task.inputs[:split], rows, "base") if split else None
+        experts = self.chunks.stacked(self.task.inputs[split:], rows, "experts")
+        if self.check_finite:
+            with self.chunks.timer.track("kernel"):
+                if base_rows is not None:
+                    self._check(base_rows, self.task.inputs[:split], rows)
+                self._check(experts, self.task.inputs[split:], rows)
+        loaded = (base_rows[0] if base_rows is not None else None, experts)
         if len(self.ranges) == 1:
             self._cached = loaded
         return loaded
@@ -255,7 +275,7 @@ def _merge_ties(inputs: _MergeInputs, spec: ShardSpec, out_dtype: torch.dtype, t
 def _merge_chunks(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, out_dtype: torch.dtype = torch.float32):
     """Yield (rows, merged flat chunk in ``out_dtype``) for one merged tensor."""
     method, device = spec.method, chunks.device
-    inputs = _MergeInputs(chunks, task, method.uses_base)
+    inputs = _MergeInputs(chunks, task, method.uses_base, spec.nan_policy == "error")
     if method.method == "ties":
         yield from _merge_ties(inputs, spec, out_dtype, chunks.timer)
         return
@@ -277,7 +297,7 @@ def _scan_inputs(spec: ShardSpec, chunks: _ChunkReader):
     """The _MergeInputs of every merged tensor of the shard, tied copies skipped."""
     for task in spec.tensors:
         if task.action == "merge" and task.tied_to is None:
-            yield _MergeInputs(chunks, task, uses_base=True)
+            yield _MergeInputs(chunks, task, uses_base=True, check_finite=spec.nan_policy == "error")
 
 
 @dataclass(frozen=True)
@@ -353,19 +373,20 @@ def run_shard(spec: ShardSpec) -> ShardResult:
     writer = ShardWriter(url, [(t.name, t.out_dtype, t.shape) for t in spec.tensors],
                          storage_options=spec.storage_options)
     try:
-        for task in spec.tensors:
-            out_dtype = DTYPES[task.out_dtype]
-            if task.action == "copy":
-                for rows in row_ranges(task):
-                    raw = chunks.raw(task.inputs[0], rows)
+        with PeakAnonMemory() as memory:
+            for task in spec.tensors:
+                out_dtype = DTYPES[task.out_dtype]
+                if task.action == "copy":
+                    for rows in row_ranges(task):
+                        raw = chunks.raw(task.inputs[0], rows)
+                        with timer.track("write"):
+                            writer.write(task.name, raw.to(out_dtype))
+                    continue
+                for _, out in _merge_chunks(chunks, task, spec, out_dtype):
                     with timer.track("write"):
-                        writer.write(task.name, raw.to(out_dtype))
-                continue
-            for _, out in _merge_chunks(chunks, task, spec, out_dtype):
-                with timer.track("write"):
-                    writer.write(task.name, out)
-        with timer.track("write"):
-            file_sha = writer.close()
+                        writer.write(task.name, out)
+            with timer.track("write"):
+                file_sha = writer.close()
     except BaseException:
         LOG.exception("shard %d (%s) failed", spec.index, spec.file_name)
         raise
@@ -375,4 +396,4 @@ def run_shard(spec: ShardSpec) -> ShardResult:
     LOG.info("shard %d: %d tensors, %.1f MB read in %.2fs", spec.index, len(spec.tensors), reader.bytes_read / 1e6,
              timer.seconds["total"])
     return ShardResult(spec.index, spec.file_name, file_sha, writer.bytes_written, tuple(writer.results),
-                       reader.bytes_read, dict(timer.seconds), str(device))
+                       reader.bytes_read, dict(timer.seconds), str(device), memory.peak)
