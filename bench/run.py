@@ -1,9 +1,11 @@
-"""Benchmark mergefleet on synthetic Llama-shaped checkpoints; prints JSON (and a Markdown table).
+"""Benchmark mergefleet (and mergekit, when given) on synthetic Llama-shaped checkpoints; prints
+JSON and a Markdown table.
 
-    .venv/bin/python bench/run.py --hidden 1024 --layers 8 --experts 4 --methods ties ties_global
+    .venv/bin/python bench/run.py --hidden 1024 --layers 8 --experts 4 --mergekit /path/to/mergekit-yaml
 
-Every method runs on the same inputs in one process, so the ratios between rows are comparable on a
-noisy machine. Inputs are built once under --workdir and reused.
+Every method runs on the same inputs and the same YAML in one invocation, so the ratios between
+rows are comparable on a noisy machine. Inputs are built once under --workdir and reused.
+mergekit runs as a subprocess (`mergekit-yaml CONFIG OUT`); its peak RssAnon is sampled from /proc.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,9 +31,12 @@ from pipeline.samples import LLAMA_CONFIG, build_sample_models  # noqa: E402
 METHODS = {
     "linear": {"merge_method": "linear"},
     "task_arithmetic": {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.4}},
-    "ties": {"merge_method": "ties", "parameters": {"density": 0.2}},
-    "ties_global": {"merge_method": "ties", "parameters": {"density": 0.2, "trim_scope": "global"}},
+    "ties": {"merge_method": "ties"},
+    "ties_global": {"merge_method": "ties", "parameters": {"trim_scope": "global"}},
 }
+
+
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties")  # mergekit has no global-scope TIES
 
 
 def build_inputs(workdir: Path, args) -> tuple[Path, list[Path]]:
@@ -48,14 +54,49 @@ def build_inputs(workdir: Path, args) -> tuple[Path, list[Path]]:
     return base, experts
 
 
-def run_one(name: str, base: Path, experts: list[Path], out: Path, args) -> dict:
+def merge_yaml(name: str, base: Path, experts: list[Path]) -> dict:
+    """The mergekit-format config both tools run."""
     method = METHODS[name]
-    config = {**method, "output": str(out), "dtype": "bfloat16", "memory_budget": args.memory_budget,
-              "models": [{"model": str(e), "parameters": {"weight": 1.0}} for e in experts]}
+    density = {"density": 0.2} if method["merge_method"] == "ties" else {}
+    config = {**method, "dtype": "bfloat16",
+              "models": [{"model": str(e), "parameters": {"weight": 1.0, **density}} for e in experts]}
     if method["merge_method"] == "linear":
         config["models"].insert(0, {"model": str(base), "parameters": {"weight": 1.0}})
     else:
         config["base_model"] = str(base)
+    return config
+
+
+def _peak_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def run_mergekit(name: str, base: Path, experts: list[Path], out: Path, mergekit: str) -> dict:
+    """Run mergekit-yaml on the same config; wall time and peak RssAnon of its process."""
+    import yaml
+
+    config_path = out.parent / f"mergekit-{name}.yaml"
+    config_path.write_text(yaml.safe_dump(merge_yaml(name, base, experts)))
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([mergekit, str(config_path), str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _peak_anon(proc.pid))
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"mergekit failed: {proc.stderr.read().decode()[-2000:]}")
+    shutil.rmtree(out, ignore_errors=True)
+    return {"tool": "mergekit", "method": name, "wall_s": round(wall, 3), "peak_rss_anon_gb": round(peak / 1e9, 3)}
+
+
+def run_one(name: str, base: Path, experts: list[Path], out: Path, args) -> dict:
+    config = {**merge_yaml(name, base, experts), "output": str(out), "memory_budget": args.memory_budget}
     if args.shards:
         config["shards"] = args.shards
     t0 = time.perf_counter()
@@ -63,7 +104,9 @@ def run_one(name: str, base: Path, experts: list[Path], out: Path, args) -> dict
     wall = time.perf_counter() - t0
     input_bytes = sum(i["bytes"] for i in manifest.inputs)
     shutil.rmtree(out, ignore_errors=True)
-    return {"method": name, "wall_s": round(wall, 3), "input_gb": round(input_bytes / 1e9, 3),
+    peaks = [s.get("peak_rss_anon") or 0 for s in manifest.timings["shards"]]
+    return {"tool": "mergefleet", "method": name, "wall_s": round(wall, 3),
+            "peak_rss_anon_gb": round(max(peaks) / 1e9, 3) if any(peaks) else None, "input_gb": round(input_bytes / 1e9, 3),
             "input_gb_per_s": round(input_bytes / 1e9 / wall, 3),
             "bytes_read_gb": round((manifest.bytes_read + manifest.extra.get("global_trim", {}).get("scan_bytes_read", 0)) / 1e9, 3),
             "stages_s": manifest.timings["stages"], "global_trim_s": manifest.timings.get("global_trim"),
@@ -83,6 +126,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per method (the fastest is reported)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mergefleet-bench"))
     parser.add_argument("--json", help="also write the JSON here")
+    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
+                        help="mergekit-yaml executable to compare with (default: the one on PATH, if any)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +141,11 @@ def main() -> int:
         runs = [run_one(name, base, experts, workdir / f"out-{name}", args) for _ in range(args.repeat)]
         rows.append(min(runs, key=lambda r: r["wall_s"]))
         print(json.dumps(rows[-1]), file=sys.stderr)
+        if args.mergekit and name in MERGEKIT_METHODS:
+            reference = run_mergekit(name, base, experts, workdir / f"mergekit-{name}", args.mergekit)
+            rows[-1]["speedup_vs_mergekit"] = round(reference["wall_s"] / rows[-1]["wall_s"], 2)
+            rows.append(reference)
+            print(json.dumps(reference), file=sys.stderr)
     report = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "inputs": {"hidden": args.hidden, "layers": args.layers, "experts": args.experts, "build_s": round(build_s, 1)},
@@ -104,12 +154,14 @@ def main() -> int:
     print(text)
     if args.json:
         Path(args.json).write_text(text)
-    print("\n| method | wall s | input GB/s | read | convert | kernel | write |", file=sys.stderr)
-    print("|---|---|---|---|---|---|---|", file=sys.stderr)
+    print("\n| tool | method | wall s | input GB/s | peak RssAnon GB | read | convert | kernel | write | vs mergekit |",
+          file=sys.stderr)
+    print("|---|---|---|---|---|---|---|---|---|---|", file=sys.stderr)
     for r in rows:
-        s = r["stages_s"]
-        print(f"| {r['method']} | {r['wall_s']} | {r['input_gb_per_s']} | {s['read']} | {s['convert']} | {s['kernel']} | {s['write']} |",
-              file=sys.stderr)
+        s = r.get("stages_s", {})
+        print(f"| {r['tool']} | {r['method']} | {r['wall_s']} | {r.get('input_gb_per_s', '')} | {r.get('peak_rss_anon_gb')} | "
+              f"{s.get('read', '')} | {s.get('convert', '')} | {s.get('kernel', '')} | {s.get('write', '')} | "
+              f"{r.get('speedup_vs_mergekit', '')} |", file=sys.stderr)
     return 0
 
 

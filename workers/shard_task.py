@@ -146,6 +146,11 @@ def _scalar(x: float, device) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float32, device=device)
 
 
+def _finite_rows(stacked: torch.Tensor) -> torch.Tensor:
+    """Per input row: are all its values finite."""
+    return torch.isfinite(stacked).all(dim=1)
+
+
 class NonFiniteInputError(ValueError):
     """An input tensor holds NaN or Inf."""
 
@@ -161,7 +166,7 @@ class _MergeInputs:
         self._cached = None
 
     def _check(self, stacked: torch.Tensor, infos: tuple[TensorInfo, ...], rows) -> None:
-        finite = torch.isfinite(stacked).all(dim=1)
+        finite = compiled.run(_finite_rows, stacked, numel=stacked.numel())
         if not bool(finite.all()):
             bad = infos[int((~finite).nonzero()[0, 0])]
             raise NonFiniteInputError(

@@ -71,10 +71,31 @@ def tie_cut(tied: torch.Tensor, rule: TrimRule, ties_before: int) -> tuple[int, 
     """The ``cut`` index for one expert's chunk (``tied``: its flat |τ| == threshold mask) and the
     number of threshold ties in it. A tie quota keeps the first ``tie_quota - ties_before`` ties
     of this chunk in index order."""
-    n_tied = int(tied.count_nonzero())
+    block_counts = _block_counts(tied)
+    n_tied = int(block_counts.sum())
     remaining = rule.tie_quota - ties_before
     if remaining <= 0:
         return -1, n_tied
     if remaining >= n_tied:
         return ALL_TIES, n_tied
-    return int(tied.nonzero()[remaining - 1, 0]), n_tied
+    return _nth_true(tied, block_counts, remaining), n_tied
+
+
+_BLOCK = 4096
+
+
+def _block_counts(mask: torch.Tensor) -> torch.Tensor:
+    """True-counts of ``mask`` per block of _BLOCK elements (the last block may be short)."""
+    flat = mask.reshape(-1).view(torch.uint8)
+    whole = flat.numel() // _BLOCK * _BLOCK
+    counts = flat[:whole].view(-1, _BLOCK).sum(1, dtype=torch.int64)
+    return torch.cat([counts, flat[whole:].sum(dtype=torch.int64).view(1)])
+
+
+def _nth_true(mask: torch.Tensor, block_counts: torch.Tensor, n: int) -> int:
+    """Flat index of the n-th (1-based) True of ``mask``, looking inside one block only."""
+    cumulative = block_counts.cumsum(0)
+    block = int(torch.searchsorted(cumulative, torch.tensor(n, dtype=cumulative.dtype, device=cumulative.device)))
+    before = int(cumulative[block - 1]) if block else 0
+    inside = mask.reshape(-1)[block * _BLOCK:(block + 1) * _BLOCK].nonzero()
+    return block * _BLOCK + int(inside[n - before - 1, 0])
