@@ -177,8 +177,9 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
         base = resolve_model(config.base_model, storage_options=opts)
         inputs, reference = [base, *experts], base
         summaries = [_summarize("base", base)] + [_summarize("expert", e) for e in experts]
-    else:
-        inputs, reference = experts, experts[0]
+    else:  # linear: copies come from base_model when it is among the models, else the first model
+        urls = [m.model for m in config.models]
+        inputs, reference = experts, experts[urls.index(config.base_model) if config.base_model in urls else 0]
         summaries = [_summarize("model", e) for e in experts]
     excluded = [re.compile(p) for p in config.exclude]
     budget = config.memory_budget_bytes
@@ -211,7 +212,8 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
     n_shards = _shard_count(config.shards, sum(sizes), len(tasks))
     groups = shard_groups(sizes, n_shards)
     specs = tuple(
-        ShardSpec(i, f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", output, tuple(tasks[j] for j in group), method, opts)
+        ShardSpec(i, f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", output, tuple(tasks[j] for j in group), method,
+                  opts, nan_policy=config.nan_policy)
         for i, group in enumerate(groups)
     )
     plan_hash = hashlib.sha256(json.dumps(

@@ -504,8 +504,6 @@ def test_int_tensors_copied_and_exclude_regex(tmp_path, method):
     assert not torch.equal(merged["a.weight"], reference_model["a.weight"].to(torch.bfloat16))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: linear with a base_model copies excluded/int tensors from the first "
-                   "listed model, not from base_model (SPEC.md: excluded tensors are copied from the base)")
 def test_linear_exclude_copies_from_base_model(tmp_path):
     base, experts = gaussian_models(2, seed=10)
     base_dir, expert_dirs = write_inputs(tmp_path, base, experts)
@@ -583,10 +581,6 @@ def test_many_experts_within_float32_rounding(tmp_path, method):
             assert (diff <= f32_ulp_bound(scale_base.double(), scale)).all(), (name, dtype, float(diff.max()))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with >= 5 experts the stacked kernels' .sum(0) over [T, N] (workers/linear.py "
-                   "task_arithmetic_merge/linear_merge, workers/ties.py vote/ties_merge) reduce in an order that depends "
-                   "on the chunk's N (sequential for N >= 64, another order below), so chunked and unchunked runs "
-                   "differ in the last bits")
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "linear"])
 def test_many_experts_chunking_does_not_change_bytes(tmp_path, method):
     *_, runs = _many_expert_runs(tmp_path, method, {"whole": 10**9, "chunked": 1000})

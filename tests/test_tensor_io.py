@@ -204,9 +204,6 @@ def test_corrupt_headers(tmp_path):
     _assert_checkpoint_error(unknown_dtype, "'w'", "Q4")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: read_header lets TypeError/ValueError escape for header entries of the "
-                   "wrong JSON type (string data_offsets, list dtype, list __metadata__) instead of a CheckpointError "
-                   "naming the file")
 @pytest.mark.parametrize("header", [
     {"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}},
     {"w": {"dtype": "F32", "shape": [2], "data_offsets": ["x", "8"]}},

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
+from workers.ties import sum_in_order
+
 
 def task_arithmetic_merge(base, experts, weights, lam, divisor, *, out_dtype: torch.dtype):
     """θ₀ + λ·(Σ w_t τ_t / divisor); divisor = Σw when normalizing, else 1 (0-d float32 tensors)."""
     tau = experts.float() - base.float()
-    total = (tau * weights.view(-1, 1)).sum(0)
+    total = sum_in_order(tau * weights.view(-1, 1))
     return (base.float() + lam * (total / divisor)).to(out_dtype)
 
 
 def linear_merge(models, weights, divisor, *, out_dtype: torch.dtype):
     """Σ w_t θ_t / divisor; divisor = Σw when normalizing, else 1."""
-    return ((models.float() * weights.view(-1, 1)).sum(0) / divisor).to(out_dtype)
+    return (sum_in_order(models.float() * weights.view(-1, 1)) / divisor).to(out_dtype)

@@ -124,11 +124,15 @@ def read_header(url: str, *, storage_options: dict[str, Any] | None = None) -> F
     if not isinstance(header, dict):
         raise CheckpointError(f"{url}: safetensors header is not a JSON object; the file is corrupt")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{url}: safetensors __metadata__ is not a JSON object; the file is corrupt")
     data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
             dtype, shape, (lo, hi) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+            if not (isinstance(dtype, str) and isinstance(lo, int) and isinstance(hi, int)):
+                raise TypeError("dtype must be a string and data_offsets integers")
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{url}: tensor {name!r} has a malformed header entry {entry!r}; the file is corrupt") from exc
         if dtype not in DTYPES:

@@ -29,11 +29,17 @@ def trimmed_weighted(base, experts, thr, cut, weights):
     return torch.where(keep, tau, 0.0) * _column(weights)
 
 
+def sum_in_order(rows):
+    """Σ over dim 0 added strictly in row (expert) order, so bytes never depend on chunk size."""
+    total = rows[0]
+    for t in range(1, rows.shape[0]):
+        total = total + rows[t]
+    return total
+
+
 def vote(weighted, sign_by_count: bool):
     """γ = sign(Σ w·τ) (mass) or sign(Σ sign(w·τ)) (count), summed in expert order; 0 where tied."""
-    if sign_by_count:
-        return torch.sign(torch.sign(weighted).sum(0))
-    return torch.sign(weighted.sum(0))
+    return torch.sign(sum_in_order(torch.sign(weighted) if sign_by_count else weighted))
 
 
 def ties_merge(base, experts, thr, cut, weights, lam, zero_sign, *, sign_by_count: bool, normalize: bool,
@@ -44,9 +50,9 @@ def ties_merge(base, experts, thr, cut, weights, lam, zero_sign, *, sign_by_coun
     gamma = vote(weighted, sign_by_count)
     gamma = torch.where(gamma == 0, zero_sign, gamma)
     agree = weighted * gamma > 0
-    merged = torch.where(agree, weighted, 0.0).sum(0)
+    merged = sum_in_order(torch.where(agree, weighted, 0.0))
     if normalize:
-        divisor = torch.where(agree, _column(weights), 0.0).sum(0)
+        divisor = sum_in_order(torch.where(agree, _column(weights), 0.0))
         merged = merged / torch.where(divisor == 0, 1.0, divisor)
     return (base.float() + lam * merged).to(out_dtype)
 
