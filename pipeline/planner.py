@@ -217,7 +217,8 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
         for i, group in enumerate(groups)
     )
     plan_hash = hashlib.sha256(json.dumps(
-        {"config": config.config_hash(), "shards": [[asdict(t) for t in s.tensors] for s in specs]},
+        {"config": config.config_hash(), "inputs": [s.files for s in summaries],
+         "shards": [[asdict(t) for t in s.tensors] for s in specs]},
         sort_keys=True, default=str).encode()).hexdigest()
     return ShardPlan(config.config_hash(), plan_hash, method, output, specs, tuple(summaries), reference.url, tuple(ignored))
 
