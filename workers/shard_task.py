@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -91,13 +92,18 @@ class _Timer:
 
 class _ChunkReader:
     """Reads row chunks of a tensor's inputs into reused buffers on the task's device, timing the
-    read and the move. Inputs sharing one dtype are stacked raw ([T, N]); kernels upcast inside."""
+    read and the move. Inputs sharing one dtype are stacked raw ([T, N]); kernels upcast inside.
+
+    Buffers come in two sets (``parity``), so the next tensor's first chunk can be read on a
+    background thread (``prefetch``) while the kernels work on this one."""
 
     def __init__(self, reader: RangeReader, device: torch.device, timer: _Timer):
         self.reader, self.device, self.timer = reader, device, timer
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._pending: dict[tuple, Future] = {}
 
-    def _buffer(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    def _buffer(self, slot: tuple, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
         key = (slot, dtype, device.type)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < math.prod(shape):
@@ -111,12 +117,10 @@ class _ChunkReader:
         with self.timer.track("read"):
             return self.reader.read_rows(info, *rows)
 
-    def stacked(self, infos: tuple[TensorInfo, ...], rows: tuple[int, int], slot: str) -> torch.Tensor:
-        """[len(infos), N] of the inputs' rows on the device; raw dtype when they share one, else float32."""
+    def _read_host(self, infos: tuple[TensorInfo, ...], rows: tuple[int, int], slot: tuple) -> torch.Tensor:
         dtypes = {DTYPES[i.dtype] for i in infos}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        numel = _chunk_numel(infos[0], rows)
-        host = self._buffer(slot, (len(infos), numel), dtype, torch.device("cpu"))
+        host = self._buffer(slot, (len(infos), _chunk_numel(infos[0], rows)), dtype, torch.device("cpu"))
         for row, info in zip(host, infos):
             if DTYPES[info.dtype] == dtype:
                 with self.timer.track("read"):
@@ -125,10 +129,25 @@ class _ChunkReader:
                 raw = self.raw(info, rows)
                 with self.timer.track("convert"):
                     row.copy_(raw)
+        return host
+
+    def prefetch(self, infos: tuple[TensorInfo, ...], rows: tuple[int, int], slot: tuple) -> None:
+        """Start reading what ``stacked(infos, rows, slot)`` will ask for."""
+        key = (infos, rows, slot)
+        if key not in self._pending:
+            self._pending[key] = self._background.submit(self._read_host, infos, rows, slot)
+
+    def stacked(self, infos: tuple[TensorInfo, ...], rows: tuple[int, int], slot: tuple) -> torch.Tensor:
+        """[len(infos), N] of the inputs' rows on the device; raw dtype when they share one, else float32."""
+        pending = self._pending.pop((infos, rows, slot), None)
+        host = pending.result() if pending is not None else self._read_host(infos, rows, slot)
         if self.device.type == "cpu":
             return host
         with self.timer.track("convert"):
-            return self._buffer(slot, host.shape, dtype, self.device).copy_(host, non_blocking=True)
+            return self._buffer(slot, host.shape, host.dtype, self.device).copy_(host, non_blocking=True)
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True)
 
 
 def _chunk_numel(info: TensorInfo, rows: tuple[int, int]) -> int:
@@ -160,10 +179,22 @@ class _MergeInputs:
     read once and kept across the passes of a trim. With ``check_finite`` every chunk is checked
     for NaN / Inf as it is read."""
 
-    def __init__(self, chunks: _ChunkReader, task: TensorTask, uses_base: bool, check_finite: bool = True):
+    def __init__(self, chunks: _ChunkReader, task: TensorTask, uses_base: bool, check_finite: bool = True,
+                 parity: int = 0):
         self.chunks, self.task, self.uses_base, self.check_finite = chunks, task, uses_base, check_finite
         self.ranges = row_ranges(task)
+        self.parity = parity
         self._cached = None
+
+    def _reads(self, rows) -> list[tuple]:
+        split = 1 if self.uses_base else 0
+        reads = [(self.task.inputs[split:], rows, ("experts", self.parity))]
+        return ([(self.task.inputs[:split], rows, ("base", self.parity))] if split else []) + reads
+
+    def prefetch(self) -> None:
+        """Read this tensor's first chunk in the background."""
+        for infos, rows, slot in self._reads(self.ranges[0]):
+            self.chunks.prefetch(infos, rows, slot)
 
     def _check(self, stacked: torch.Tensor, infos: tuple[TensorInfo, ...], rows) -> None:
         finite = compiled.run(_finite_rows, stacked, numel=stacked.numel())
@@ -177,8 +208,8 @@ class _MergeInputs:
         if len(self.ranges) == 1 and self._cached is not None:
             return self._cached
         split = 1 if self.uses_base else 0
-        base_rows = self.chunks.stacked(self.task.inputs[:split], rows, "base") if split else None
-        experts = self.chunks.stacked(self.task.inputs[split:], rows, "experts")
+        loaded_rows = [self.chunks.stacked(*read) for read in self._reads(rows)]
+        base_rows, experts = (loaded_rows[0], loaded_rows[1]) if split else (None, loaded_rows[0])
         if self.check_finite:
             with self.chunks.timer.track("kernel"):
                 if base_rows is not None:
@@ -277,10 +308,16 @@ def _merge_ties(inputs: _MergeInputs, spec: ShardSpec, out_dtype: torch.dtype, t
         yield rows, out
 
 
-def _merge_chunks(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, out_dtype: torch.dtype = torch.float32):
+def merge_inputs(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, parity: int = 0) -> _MergeInputs:
+    """The chunked inputs of one merged tensor of this shard (``parity``: which buffer set)."""
+    return _MergeInputs(chunks, task, spec.method.uses_base, spec.nan_policy == "error", parity)
+
+
+def _merge_chunks(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, out_dtype: torch.dtype = torch.float32,
+                  inputs: _MergeInputs | None = None):
     """Yield (rows, merged flat chunk in ``out_dtype``) for one merged tensor."""
     method, device = spec.method, chunks.device
-    inputs = _MergeInputs(chunks, task, method.uses_base, spec.nan_policy == "error")
+    inputs = inputs or merge_inputs(chunks, task, spec)
     if method.method == "ties":
         yield from _merge_ties(inputs, spec, out_dtype, chunks.timer)
         return
@@ -302,7 +339,7 @@ def _scan_inputs(spec: ShardSpec, chunks: _ChunkReader):
     """The _MergeInputs of every merged tensor of the shard, tied copies skipped."""
     for task in spec.tensors:
         if task.action == "merge" and task.tied_to is None:
-            yield _MergeInputs(chunks, task, uses_base=True, check_finite=spec.nan_policy == "error")
+            yield merge_inputs(chunks, task, spec)
 
 
 @dataclass(frozen=True)
@@ -326,6 +363,7 @@ def _scan(spec: ShardSpec, accumulate, initial: list) -> ScanResult:
         for inputs in _scan_inputs(spec, chunks):
             totals = accumulate(inputs, totals, timer)
     finally:
+        chunks.close()
         reader.close()
     timer.seconds["total"] = time.perf_counter() - t0
     values = [v.cpu().numpy() if isinstance(v, torch.Tensor) else v for v in totals]
@@ -379,6 +417,9 @@ def run_shard(spec: ShardSpec) -> ShardResult:
                          storage_options=spec.storage_options)
     try:
         with PeakAnonMemory() as memory:
+            merged = [t for t in spec.tensors if t.action == "merge"]
+            inputs = {t.name: merge_inputs(chunks, t, spec, parity=i % 2) for i, t in enumerate(merged)}
+            following = dict(zip([t.name for t in merged], [t.name for t in merged[1:]]))
             for task in spec.tensors:
                 out_dtype = DTYPES[task.out_dtype]
                 if task.action == "copy":
@@ -387,7 +428,9 @@ def run_shard(spec: ShardSpec) -> ShardResult:
                         with timer.track("write"):
                             writer.write(task.name, raw.to(out_dtype))
                     continue
-                for _, out in _merge_chunks(chunks, task, spec, out_dtype):
+                if task.name in following:  # read the next merged tensor while this one computes
+                    inputs[following[task.name]].prefetch()
+                for _, out in _merge_chunks(chunks, task, spec, out_dtype, inputs.pop(task.name)):
                     with timer.track("write"):
                         writer.write(task.name, out)
             with timer.track("write"):
@@ -396,6 +439,7 @@ def run_shard(spec: ShardSpec) -> ShardResult:
         LOG.exception("shard %d (%s) failed", spec.index, spec.file_name)
         raise
     finally:
+        chunks.close()
         reader.close()
     timer.seconds["total"] = time.perf_counter() - t_start
     LOG.info("shard %d: %d tensors, %.1f MB read in %.2fs", spec.index, len(spec.tensors), reader.bytes_read / 1e6,

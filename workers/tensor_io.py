@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,10 +222,13 @@ class RangeReader:
         fs, path = self._open(info.file_url)
         if _is_local(fs):
             if path not in self._local_files:
-                self._local_files[path] = open(path, "rb")  # noqa: SIM115 - kept open across reads, closed in close()
-            f = self._local_files[path]
-            f.seek(info.start + start)
-            got = f.readinto(out)
+                self._local_files[path] = os.open(path, os.O_RDONLY)
+            got = 0
+            while got < len(out):  # pread: no shared file position, so reads may run on several threads
+                n = os.preadv(self._local_files[path], [out[got:]], info.start + start + got)
+                if n == 0:
+                    break
+                got += n
         else:
             data = fs.cat_file(path, start=info.start + start, end=info.start + start + len(out))
             got = len(data)
@@ -252,8 +256,8 @@ class RangeReader:
         return out
 
     def close(self) -> None:
-        for f in self._local_files.values():
-            f.close()
+        for fd in self._local_files.values():
+            os.close(fd)
         self._local_files.clear()
 
 
