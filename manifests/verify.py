@@ -7,10 +7,10 @@ import hashlib
 import json
 
 from manifests.reader import ManifestError, read_manifest, read_tensor_table
-from manifests.schema import INDEX_JSON
 from workers.tensor_io import CheckpointError, join_url, open_fs, read_header
 
 BLOCK = 8 * 1024 * 1024
+INDEX_SUFFIX = ".safetensors.index.json"  # model.safetensors.index.json and the like, in any folder
 
 
 def _hash_file(url: str, spans: list[tuple[str, int, int]], storage_options) -> tuple[str, int, dict[str, str]]:
@@ -77,12 +77,15 @@ def verify_output(output_url: str, *, storage_options: dict | None = None) -> li
     for name in rows_by_file:
         problems.append(f"{name}: holds tensors in the table but is not listed in manifest.json files")
 
-    index_names = [f.name for f in manifest.files if f.name.endswith(INDEX_JSON)]
+    # every HF-style index (model.safetensors.index.json, or e.g. a twin run's shared/ and
+    # experts/<name>/factors.safetensors.index.json) maps exactly the tensors of its own folder
+    index_names = [f.name for f in manifest.files if f.name.endswith(INDEX_SUFFIX)]
     for index_name in index_names:
         fs, path = open_fs(join_url(output_url, index_name), storage_options)
         weight_map = json.loads(fs.cat_file(path)).get("weight_map", {})
-        prefix = index_name[: -len(INDEX_JSON)]
-        expected = {r["name"]: r["file"][len(prefix):] for r in table.to_pylist() if r["file"].startswith(prefix)}
+        folder = index_name.rpartition("/")[0]
+        expected = {r["name"]: r["file"].rpartition("/")[2] for r in table.to_pylist()
+                    if r["file"].rpartition("/")[0] == folder}
         if weight_map != expected:
             problems.append(f"{index_name}: weight_map does not match the tensor table")
     return problems

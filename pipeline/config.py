@@ -2,7 +2,11 @@
 
 An existing mergekit config for linear, task_arithmetic or ties works unchanged. Unknown keys
 are an error naming the key. Models are frozen pydantic models; derived defaults live in
-``resolve_method`` rather than in scattered fallbacks.
+``resolve_method`` (and ``shared_merge_config`` for Twin-Merging) rather than in scattered fallbacks.
+
+``merge_method: twin`` takes its shared merge as a nested config under ``parameters.shared``
+(``{merge_method, parameters}``, default task arithmetic with λ = 0.29) plus the compression keys
+``rank`` | ``rank_ratio`` | ``energy`` and ``svd``; per-model weights and densities feed the shared merge.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workers.methods import MethodOptions
 from workers.tensor_io import DTYPE_ALIASES
@@ -22,6 +26,9 @@ from workers.tensor_io import DTYPE_ALIASES
 DEFAULT_DENSITY = 0.2  # SPEC.md: TIES keeps the top 20 % (mergekit's own default is 1.0: set it to match)
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3
 DEFAULT_SHARD_BYTES = 1024**3
+TWIN_SHARED_LAMBDA = 0.29  # SPEC.md (Twin-Merging paper): λ of the task-arithmetic shared expert
+TWIN_DEFAULT_RANK_RATIO = 0.1  # SPEC.md: the paper's default rank as a fraction of min(m, n)
+TWIN_KEYS = ("shared", "rank", "rank_ratio", "energy", "svd")  # parameters only merge_method: twin takes
 
 
 class ConfigError(ValueError):
@@ -70,10 +77,26 @@ class MergeParameters(_Frozen):
     trim_scope: Literal["tensor", "global"] = "tensor"  # TIES threshold per tensor (mergekit) or per model (paper)
     sign_method: Literal["sum", "count"] = "sum"  # TIES sign election by mass or by count
     zero_sign: Literal["positive", "majority"] | None = None  # sign where the vote is 0 (tensor: positive, global: majority)
+    # Twin-Merging only (merge_method: twin)
+    shared: SharedMerge | None = None  # the merge that makes the shared expert θ* (default task_arithmetic, λ 0.29)
+    rank: int | None = Field(default=None, ge=1)  # fixed truncation rank of every 2-D exclusive tensor (capped at min(m, n))
+    rank_ratio: float | None = Field(default=None, gt=0, le=1)  # rank = max(1, int(ratio·min(m, n))) (default 0.1)
+    energy: float | None = Field(default=None, gt=0, le=1)  # smallest rank keeping this fraction of ‖v‖²_F
+    svd: Literal["auto", "exact", "randomized"] | None = None  # SVD algorithm (default auto: randomized for large matrices)
+
+
+class SharedMerge(_Frozen):
+    """Twin-Merging's shared expert: a plain merge of the same models, as a nested config."""
+
+    merge_method: Literal["linear", "task_arithmetic", "ties"] = "task_arithmetic"  # the merge that makes θ*
+    parameters: MergeParameters = Field(default_factory=lambda: MergeParameters())  # its parameters (task_arithmetic: λ defaults to 0.29 here)
+
+
+MergeParameters.model_rebuild()
 
 
 class MergeConfig(_Frozen):
-    merge_method: Literal["linear", "task_arithmetic", "ties"]  # the algorithm, as in mergekit
+    merge_method: Literal["linear", "task_arithmetic", "ties", "twin"]  # the algorithm, as in mergekit (+ twin)
     models: tuple[ModelEntry, ...] = Field(min_length=1)  # experts (linear: every model averaged)
     base_model: str | None = None  # θ₀; required for task_arithmetic and ties
     parameters: MergeParameters = MergeParameters()
@@ -110,6 +133,30 @@ class MergeConfig(_Frozen):
             parse_bytes(value)
         return value
 
+    @model_validator(mode="after")
+    def _twin_parameters(self):
+        p = self.parameters
+        given = [k for k in TWIN_KEYS if getattr(p, k) is not None]
+        if self.merge_method != "twin":
+            if given:
+                raise ValueError(f"parameters.{given[0]} is a Twin-Merging option; it needs merge_method: twin")
+            return self
+        defaults = type(p).model_fields
+        merge_keys = sorted(k for k in p.model_fields_set - set(TWIN_KEYS) if getattr(p, k) != defaults[k].default)
+        if merge_keys:
+            alias = {"lam": "lambda"}.get(merge_keys[0], merge_keys[0])
+            raise ValueError(f"parameters.{alias} of a twin run belongs to its shared merge; "
+                             f"move it to parameters.shared.parameters.{alias}")
+        if p.shared is not None:
+            nested = [k for k in TWIN_KEYS if getattr(p.shared.parameters, k) is not None]
+            if nested:
+                raise ValueError(f"parameters.shared.parameters.{nested[0]} is a Twin-Merging option; "
+                                 f"give it as parameters.{nested[0]} (the shared merge is a plain merge)")
+        rules = [k for k in ("rank", "rank_ratio", "energy") if getattr(p, k) is not None]
+        if len(rules) > 1:
+            raise ValueError(f"parameters {' and '.join(rules)} both set the twin rank; give one of rank, rank_ratio, energy")
+        return self
+
     @property
     def output_dtype(self) -> str | None:
         """The safetensors dtype name of the output, or None to keep each tensor's base dtype."""
@@ -128,11 +175,20 @@ class MergeConfig(_Frozen):
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of the validated config (output location excluded)."""
         data = self.model_dump(mode="json", by_alias=True, exclude={"output"})
+        for key in TWIN_KEYS:  # unset twin keys stay out, so other methods' hashes do not change
+            if data["parameters"].get(key) is None:
+                data["parameters"].pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def resolve_method(config: MergeConfig) -> MethodOptions:
     """Fill every method default (mergekit's where it has one, SPEC.md's otherwise)."""
+    if config.merge_method == "twin":
+        shared = shared_merge_config(config)
+        if shared.merge_method != "linear" and not config.base_model:
+            raise ConfigError(f"merge_method twin with a {shared.merge_method} shared merge needs base_model: "
+                              "the pre-trained model the experts were tuned from")
+        return resolve_method(shared)
     p = config.parameters
     method = config.merge_method
     if method != "linear" and not config.base_model:
@@ -154,6 +210,20 @@ def resolve_method(config: MergeConfig) -> MethodOptions:
     zero_sign = _first(p.zero_sign, "majority" if p.trim_scope == "global" else "positive")
     return MethodOptions(method=method, weights=tuple(weights), densities=tuple(densities), lam=_first(p.lam, 1.0),
                          normalize=normalize, trim_scope=p.trim_scope, sign_method=p.sign_method, zero_sign=zero_sign)
+
+
+def shared_merge_config(config: MergeConfig) -> MergeConfig:
+    """The plain merge config whose output is a twin run's shared expert θ*: the same models, base,
+    dtype, exclude, shards and memory budget, with ``parameters.shared``'s method and parameters
+    (task arithmetic: λ = 0.29 unless given). A linear shared merge takes no base model."""
+    if config.merge_method != "twin":
+        raise ConfigError(f"merge_method {config.merge_method} has no shared merge; only twin does")
+    shared = config.parameters.shared or SharedMerge()
+    parameters = shared.parameters
+    if shared.merge_method == "task_arithmetic" and parameters.lam is None:
+        parameters = parameters.model_copy(update={"lam": TWIN_SHARED_LAMBDA})
+    return config.model_copy(update={"merge_method": shared.merge_method, "parameters": parameters,
+                                     "base_model": config.base_model if shared.merge_method != "linear" else None})
 
 
 def _first(*values):
@@ -185,6 +255,8 @@ def load_config(source: Union[str, Path, dict[str, Any]]) -> MergeConfig:
 
 def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"])
+    if not key:  # a check across keys (model validator): the message names them
+        return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"unknown key {key!r} (see the config reference in README.md)"
     if error["type"] == "missing":
