@@ -1,4 +1,4 @@
-"""mergefleet command line: run | plan | verify | demo."""
+"""mergefleet command line: run | plan | verify | demo | twin (train-router, predict)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,13 @@ def _cmd_plan(args) -> int:
     from pipeline.config import load_config
     from pipeline.planner import build_plan
 
-    plan = build_plan(load_config(args.config), output_url=args.output or "<output>")
-    summary = plan.summary()
+    config = load_config(args.config)
+    if config.merge_method == "twin":
+        from pipeline.twin_run import build_twin_plan
+
+        summary = build_twin_plan(config, output_url=args.output or "<output>").summary()
+    else:
+        summary = build_plan(config, output_url=args.output or "<output>").summary()
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -72,6 +77,33 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_twin_train_router(args) -> int:
+    from pipeline.twin_run import train_twin_router
+
+    metrics = train_twin_router(args.output, args.data, epochs=args.epochs, seed=args.seed, lr=args.lr,
+                                batch_size=args.batch_size, val_fraction=args.val_fraction,
+                                test_fraction=args.test_fraction)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+    return 0
+
+
+def _cmd_twin_predict(args) -> int:
+    from pipeline.twin_run import load_tokenizer, load_twin, predict
+
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.strip("[]").split(",")]
+        except ValueError:
+            raise ValueError(f"--weights {args.weights!r}: give one number per expert, comma-separated (e.g. 1,0,0)") from None
+    if (args.mode == "fixed") != (weights is not None):
+        raise ValueError("--weights goes with --mode fixed (and fixed mode needs --weights)")
+    twin = load_twin(args.output, router=args.mode != "fixed" or None)
+    result = predict(twin, load_tokenizer(args.output), args.text, mode=args.mode, weights=weights)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _summary(manifest) -> dict:
     return {"output_files": [f.name for f in manifest.files], "run_id": manifest.run_id, "method": manifest.method,
             "tensors": manifest.n_tensors, "output_bytes": manifest.output_bytes, "bytes_read": manifest.bytes_read,
@@ -102,6 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", help="where the sample models go (default: a temp dir)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_cmd_demo)
+    twin = sub.add_parser("twin", help="Twin-Merging: train the router of a twin run, predict with it")
+    twin_sub = twin.add_subparsers(dest="twin_command", required=True)
+    train = twin_sub.add_parser("train-router", help="train the router on the shared model's features; writes OUTPUT/router/")
+    train.add_argument("output", help="output URL of a twin run")
+    train.add_argument("--data", required=True, help="JSONL of {\"text\": ..., \"task\": EXPERT_NAME} (local path or URL)")
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the batches")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--val-fraction", type=float, default=0.1, help="per task; checkpoints are selected on it")
+    train.add_argument("--test-fraction", type=float, default=0.1, help="per task; only evaluated, at the end")
+    train.set_defaults(func=_cmd_twin_train_router)
+    predict = twin_sub.add_parser("predict", help="run θ* + Σ w_t(x)·B_t A_t on texts; print the weights and outputs as JSON")
+    predict.add_argument("output", help="output URL of a twin run")
+    predict.add_argument("--text", action="append", required=True, help="an input text (repeat for a batch)")
+    predict.add_argument("--mode", choices=("router", "hard", "fixed"), default="router",
+                         help="router: softmax of the router; hard: its top-1 expert; fixed: --weights")
+    predict.add_argument("--weights", help="fixed mode: one weight per expert in manifest order, e.g. 1,0,0")
+    predict.set_defaults(func=_cmd_twin_predict)
     return parser
 
 

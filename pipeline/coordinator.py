@@ -61,9 +61,11 @@ def shard_memory(spec: ShardSpec) -> int:
     return max(peak, 64 * 1024 * 1024)
 
 
-def run_shards(shards: tuple[ShardSpec, ...], kind: str = "merge", args: tuple = (), *, progress: bool = True) -> list:
+def run_shards(shards: tuple[ShardSpec, ...], kind: str = "merge", args: tuple = (), *, progress: bool = True,
+               memory=shard_memory) -> list:
     """Run one task of ``kind`` per shard with backpressure (ray.wait) and a progress bar; fail fast
-    on the first error. Returns the results in shard order."""
+    on the first error. ``memory(spec)`` is the bytes each task asks Ray for. Returns the results in
+    shard order."""
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) > 0
     max_in_flight = max(2, 2 * int(resources.get("GPU" if use_gpu else "CPU", 1)))
@@ -76,7 +78,7 @@ def run_shards(shards: tuple[ShardSpec, ...], kind: str = "merge", args: tuple =
         while pending or in_flight:
             while pending and len(in_flight) < max_in_flight:
                 spec = pending.pop(0)
-                ref = submit(kind, spec, *args, use_gpu=use_gpu, memory_bytes=shard_memory(spec))
+                ref = submit(kind, spec, *args, use_gpu=use_gpu, memory_bytes=memory(spec))
                 in_flight[ref] = spec
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
@@ -102,8 +104,10 @@ def _root_cause(exc: Exception) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
 
 
-def _copy_side_files(plan: ShardPlan, output_dtype: str | None, storage_options: dict) -> list[OutputFile]:
-    """Copy config.json and tokenizer files from the reference model; returns what was written."""
+def copy_side_files(plan: ShardPlan, output_dtype: str | None, storage_options: dict, *,
+                    directory: str = "") -> list[OutputFile]:
+    """Copy config.json and tokenizer files from the reference model into ``directory`` of the
+    output (its root by default); returns what was written, named relative to the output root."""
     written = []
     src_fs, src_root = open_fs(plan.side_files_from, storage_options)
     if src_root.endswith(".safetensors"):
@@ -117,8 +121,9 @@ def _copy_side_files(plan: ShardPlan, output_dtype: str | None, storage_options:
             cfg = json.loads(data)
             cfg["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(output_dtype, cfg.get("torch_dtype"))
             data = json.dumps(cfg, indent=2).encode()
-        atomic_put(join_url(plan.output_url, name), data, storage_options=storage_options)
-        written.append(OutputFile(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+        relative = f"{directory}/{name}" if directory else name
+        atomic_put(join_url(plan.output_url, relative), data, storage_options=storage_options)
+        written.append(OutputFile(name=relative, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
     return written
 
 
@@ -136,25 +141,40 @@ def _refuse_foreign_output(plan: ShardPlan, overwrite: bool, storage_options: di
     fs.rm(path)  # un-publish first, so no reader sees the old manifest over new shards
 
 
-def publish(plan: ShardPlan, results: list[ShardResult], config: MergeConfig, timings: dict, *,
-            storage_options: dict, extra: dict | None = None) -> Manifest:
-    """Write the HF index and side files, then the manifest (last, atomically)."""
+def shard_rows(plan: ShardPlan, results: list[ShardResult]) -> tuple[list[dict], list[OutputFile]]:
+    """Tensor-table rows and output files of the merged shards (file names relative to the output root)."""
     rows, files = [], []
     for result in results:
         files.append(OutputFile(name=result.file_name, size=result.file_size, sha256=result.file_sha256))
+        actions = {x.name: x.action for x in plan.shards[result.index].tensors}
         for t in result.tensors:
-            task_action = next(x.action for x in plan.shards[result.index].tensors if x.name == t.name)
             rows.append({"name": t.name, "file": result.file_name, "dtype": t.dtype, "shape": list(t.shape),
                          "offset": t.offset, "nbytes": t.nbytes, "sha256": t.sha256,
-                         "method": plan.method.method if task_action == "merge" else "copy"})
-    index = {"metadata": {"total_size": sum(r["nbytes"] for r in rows)},
-             "weight_map": {r["name"]: r["file"] for r in sorted(rows, key=lambda r: r["name"])}}
-    index_bytes = json.dumps(index, indent=2).encode()
-    atomic_put(join_url(plan.output_url, INDEX_JSON), index_bytes, storage_options=storage_options)
-    files.append(OutputFile(name=INDEX_JSON, size=len(index_bytes), sha256=hashlib.sha256(index_bytes).hexdigest()))
-    files += _copy_side_files(plan, config.output_dtype, storage_options)
+                         "method": plan.method.method if actions[t.name] == "merge" else "copy"})
+    return rows, files
+
+
+def write_index(output_url: str, rows: list[dict], *, storage_options: dict, directory: str = "",
+                index_name: str = INDEX_JSON) -> OutputFile:
+    """Write the HF index of the rows whose file lies in ``directory`` (file names relative to it)."""
+    prefix = f"{directory}/" if directory else ""
+    mine = sorted((r for r in rows if r["file"].startswith(prefix) and "/" not in r["file"][len(prefix):]),
+                  key=lambda r: r["name"])
+    index = {"metadata": {"total_size": sum(r["nbytes"] for r in mine)},
+             "weight_map": {r["name"]: r["file"][len(prefix):] for r in mine}}
+    data = json.dumps(index, indent=2).encode()
+    atomic_put(join_url(output_url, prefix + index_name), data, storage_options=storage_options)
+    return OutputFile(name=prefix + index_name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def commit_manifest(plan: ShardPlan, config: MergeConfig, rows: list[dict], files: list[OutputFile], results: list,
+                    timings: dict, *, storage_options: dict, extra: dict | None = None,
+                    method: dict | None = None) -> Manifest:
+    """Write manifest.parquet (the rows) and manifest.json, last: the commit point of the run.
+    ``results`` are the shard results (anything with index, bytes_read, timings and device)."""
     parquet = tensor_table_bytes(rows)
-    stage_sums = {s: round(sum(r.timings.get(s, 0.0) for r in results), 4) for s in STAGES}
+    stage_sums = {s: round(sum(r.timings.get(s, 0.0) for r in results), 4)
+                  for s in dict.fromkeys([*STAGES, *(k for r in results for k in r.timings if k != "total")])}
     manifest = Manifest(
         run_id=uuid.uuid4().hex,
         mergefleet_version=mergefleet_version(),
@@ -162,7 +182,7 @@ def publish(plan: ShardPlan, results: list[ShardResult], config: MergeConfig, ti
         config=config.model_dump(mode="json", by_alias=True, exclude_none=True),
         config_hash=plan.config_hash,
         plan_hash=plan.plan_hash,
-        method=plan.method.model_dump(),
+        method=method if method is not None else plan.method.model_dump(),
         inputs=[{"role": i.role, "url": i.url, "files": list(i.files), "bytes": i.nbytes} for i in plan.inputs],
         files=files,
         tensors_table_sha256=hashlib.sha256(parquet).hexdigest(),
@@ -178,9 +198,34 @@ def publish(plan: ShardPlan, results: list[ShardResult], config: MergeConfig, ti
     return manifest
 
 
+def publish(plan: ShardPlan, results: list[ShardResult], config: MergeConfig, timings: dict, *,
+            storage_options: dict, extra: dict | None = None) -> Manifest:
+    """Write the HF index and side files, then the manifest (last, atomically)."""
+    rows, files = shard_rows(plan, results)
+    files.append(write_index(plan.output_url, rows, storage_options=storage_options))
+    files += copy_side_files(plan, config.output_dtype, storage_options)
+    return commit_manifest(plan, config, rows, files, results, timings, storage_options=storage_options, extra=extra)
+
+
+def global_trim_shards(plan: ShardPlan, *, progress: bool) -> tuple[tuple[ShardSpec, ...], dict, dict]:
+    """The plan's shards ready to merge: with model-wide trim rules for a global-scope TIES (three
+    or four scan passes first), as they are otherwise. Returns (shards, manifest extra, timings)."""
+    if not (plan.method.method == "ties" and plan.method.trim_scope == "global"):
+        return plan.shards, {}, {}
+    t0 = time.perf_counter()
+    rules, zero_sign, record = compute_global_trim(
+        plan, lambda kind, args: run_shards(plan.shards, kind, args, progress=progress))
+    return with_global_rules(plan, rules, zero_sign), {"global_trim": record}, {"global_trim": round(time.perf_counter() - t0, 4)}
+
+
 def run_merge(config: MergeConfig, *, output_url: str | None = None, address: str | None = None,
               storage_options: dict | None = None, overwrite: bool = False, progress: bool = True) -> Manifest:
     """Plan, run every shard on Ray, and publish. Returns the committed manifest."""
+    if config.merge_method == "twin":
+        from pipeline.twin_run import run_twin  # twin_run builds on this module
+
+        return run_twin(config, output_url=output_url, address=address, storage_options=storage_options,
+                        overwrite=overwrite, progress=progress)
     opts = storage_options or {}
     t0 = time.perf_counter()
     plan = build_plan(config, output_url=output_url, storage_options=opts)
@@ -190,12 +235,8 @@ def run_merge(config: MergeConfig, *, output_url: str | None = None, address: st
     LOG.info("plan %s: %d tensors in %d shards, %.2f GB in", plan.plan_hash[:12], len(plan.tensors),
              len(plan.shards), plan.input_bytes / 1e9)
     t1 = time.perf_counter()
-    shards, extra, timings = plan.shards, {}, {"plan": round(t_plan, 4)}
-    if plan.method.method == "ties" and plan.method.trim_scope == "global":
-        rules, zero_sign, extra["global_trim"] = compute_global_trim(
-            plan, lambda kind, args: run_shards(plan.shards, kind, args, progress=progress))
-        shards = with_global_rules(plan, rules, zero_sign)
-        timings["global_trim"] = round(time.perf_counter() - t1, 4)
+    shards, extra, trim_timings = global_trim_shards(plan, progress=progress)
+    timings = {"plan": round(t_plan, 4), **trim_timings}
     results = run_shards(shards, progress=progress)
     timings["run"] = round(time.perf_counter() - t1, 4)
     manifest = publish(plan, results, config, timings, storage_options=opts, extra=extra)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ray
 
-from workers import shard_task
+from workers import shard_task, twin_task
 
 MAX_RETRIES = 3  # a shard is rerun elsewhere if its node dies
 
@@ -13,6 +13,7 @@ _BODIES = {
     "high": shard_task.scan_high_histograms,
     "low": shard_task.scan_low_histograms,
     "sign": shard_task.scan_sign_sum,
+    "twin": twin_task.run_twin_shard,
 }
 
 
@@ -22,7 +23,7 @@ def _shard_remote(kind: str, spec: shard_task.ShardSpec, *args):
 
 
 def submit(kind: str, spec: shard_task.ShardSpec, *args, use_gpu: bool, memory_bytes: int) -> ray.ObjectRef:
-    """Start one task of ``kind`` (merge, or a global-trim scan) for a shard; it asks Ray for a GPU
+    """Start one task of ``kind`` (merge, a global-trim scan, or twin) for a shard; it asks Ray for a GPU
     when the cluster has any, and for its planned memory."""
     return _shard_remote.options(num_gpus=1 if use_gpu else 0, memory=memory_bytes,
                                  name=f"mergefleet-{kind}-{spec.index}").remote(kind, spec, *args)
