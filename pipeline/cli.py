@@ -47,6 +47,14 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_status(args) -> int:
+    from pipeline.resume import output_status
+
+    status = output_status(args.output)
+    print(json.dumps(status, indent=2))
+    return 0
+
+
 def _cmd_verify(args) -> int:
     from manifests.verify import verify_output
 
@@ -129,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="re-read every output tensor and check the manifest (exit 0 ok, 1 not)")
     verify.add_argument("output", help="output URL of a run")
     verify.set_defaults(func=_cmd_verify)
+    status = sub.add_parser("status", help="show whether a run at OUTPUT_URL is complete, or its done / missing shards")
+    status.add_argument("output", help="output URL of a run")
+    status.set_defaults(func=_cmd_status)
     demo = sub.add_parser("demo", help="build sample experts and TIES-merge them on embedded Ray")
     demo.add_argument("--output", default="out/demo", help="output directory (default out/demo)")
     demo.add_argument("--workdir", help="where the sample models go (default: a temp dir)")

@@ -97,7 +97,7 @@ MergeParameters.model_rebuild()
 
 class MergeConfig(_Frozen):
     merge_method: Literal["linear", "task_arithmetic", "ties", "twin"]  # the algorithm, as in mergekit (+ twin)
-    models: tuple[ModelEntry, ...] = Field(min_length=1)  # experts (linear: every model averaged)
+    models: tuple[ModelEntry, ...]  # experts (linear: every model averaged); at least one
     base_model: str | None = None  # θ₀; required for task_arithmetic and ties
     parameters: MergeParameters = MergeParameters()
     dtype: str | None = None  # output dtype (computation is always float32); default: the base's dtype
@@ -106,6 +106,15 @@ class MergeConfig(_Frozen):
     exclude: tuple[str, ...] = ()  # regexes of tensor names copied from the base unmerged
     shards: Union[int, str, None] = None  # number of output shards (int) or target bytes per shard ("2GB")
     memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET  # working-set bytes allowed per shard task
+    nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in a merged input: fail naming it, or merge anyway
+    storage: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)  # fsspec storage options (endpoint_url, key, secret, client_kwargs, ...) over the environment's (AWS_*, FSSPEC_S3_*); never dumped, hashed or logged
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, models):
+        if not models:
+            raise ValueError("list at least one model")
+        return models
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -235,12 +244,15 @@ def load_config(source: Union[str, Path, dict[str, Any]]) -> MergeConfig:
     if isinstance(source, dict):
         data, where = source, "config"
     else:
-        where = str(source)
+        is_path = _looks_like_path(source)
+        where = str(source) if is_path else "config text"
         try:
-            text = Path(source).read_text() if Path(str(source)).exists() else str(source)
+            text = Path(source).read_text() if is_path else source
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where}: invalid YAML: {exc}") from exc
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such config file") from None
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read the config: {exc}") from exc
     if not isinstance(data, dict):
@@ -251,6 +263,20 @@ def load_config(source: Union[str, Path, dict[str, Any]]) -> MergeConfig:
         raise ConfigError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
     resolve_method(config)
     return config
+
+
+def _looks_like_path(source: Union[str, Path]) -> bool:
+    """A Path, a *.yaml / *.yml name, or an existing file (anything else is YAML text)."""
+    if isinstance(source, Path):
+        return True
+    if "\n" in source:
+        return False
+    if source.endswith((".yaml", ".yml")):
+        return True
+    try:
+        return Path(source).is_file()
+    except OSError:  # e.g. a name too long for the filesystem: it is text
+        return False
 
 
 def _describe(error: dict) -> str:

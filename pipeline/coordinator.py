@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -15,19 +16,23 @@ from importlib import metadata
 import ray
 from tqdm import tqdm
 
+from manifests import markers
 from manifests.reader import ManifestError, read_manifest
 from manifests.schema import INDEX_JSON, MANIFEST_JSON, Manifest, OutputFile
 from manifests.writer import atomic_put, tensor_table_bytes, write_manifest
 from pipeline.config import MergeConfig
 from pipeline.global_trim import compute_global_trim, with_global_rules
 from pipeline.planner import SIDE_FILES, ShardPlan, build_plan
+from pipeline.resume import prepare_output
 from workers.methods import bytes_per_element
 from workers.ray_tasks import submit
+from workers.selection import TrimRule
 from workers.shard_task import ShardResult, ShardSpec
 from workers.tensor_io import itemsize, join_url, open_fs
 
 LOG = logging.getLogger(__name__)
 STAGES = ("read", "convert", "kernel", "write")
+GLOBAL_TRIM_STATE = "global_trim.json"  # a resumed global-scope run reuses the thresholds it found
 
 
 class RunError(RuntimeError):
@@ -207,14 +212,24 @@ def publish(plan: ShardPlan, results: list[ShardResult], config: MergeConfig, ti
     return commit_manifest(plan, config, rows, files, results, timings, storage_options=storage_options, extra=extra)
 
 
-def global_trim_shards(plan: ShardPlan, *, progress: bool) -> tuple[tuple[ShardSpec, ...], dict, dict]:
+def global_trim_shards(plan: ShardPlan, *, progress: bool, storage_options: dict | None = None
+                       ) -> tuple[tuple[ShardSpec, ...], dict, dict]:
     """The plan's shards ready to merge: with model-wide trim rules for a global-scope TIES (three
-    or four scan passes first), as they are otherwise. Returns (shards, manifest extra, timings)."""
+    or four scan passes first, or the rules a resumed run already found), as they are otherwise.
+    Returns (shards, manifest extra, timings)."""
     if not (plan.method.method == "ties" and plan.method.trim_scope == "global"):
         return plan.shards, {}, {}
     t0 = time.perf_counter()
-    rules, zero_sign, record = compute_global_trim(
-        plan, lambda kind, args: run_shards(plan.shards, kind, args, progress=progress))
+    saved = markers.read_state(plan.output_url, GLOBAL_TRIM_STATE, storage_options=storage_options)
+    if saved is not None:
+        rules = tuple(TrimRule(r["threshold"], r["tie_quota"]) for r in saved["rules"])
+        zero_sign, record = saved["zero_sign"], saved["record"]
+    else:
+        rules, zero_sign, record = compute_global_trim(
+            plan, lambda kind, args: run_shards(plan.shards, kind, args, progress=progress))
+        markers.write_state(plan.output_url, GLOBAL_TRIM_STATE, {
+            "rules": [dataclasses.asdict(r) for r in rules], "zero_sign": zero_sign, "record": record},
+            storage_options=storage_options)
     return with_global_rules(plan, rules, zero_sign), {"global_trim": record}, {"global_trim": round(time.perf_counter() - t0, 4)}
 
 
@@ -230,15 +245,20 @@ def run_merge(config: MergeConfig, *, output_url: str | None = None, address: st
     t0 = time.perf_counter()
     plan = build_plan(config, output_url=output_url, storage_options=opts)
     t_plan = time.perf_counter() - t0
-    _refuse_foreign_output(plan, overwrite, opts)
+    state = prepare_output(plan, overwrite=overwrite, storage_options=opts)
+    if state.complete is not None:
+        LOG.warning("%s already holds this run (%s); nothing to do", plan.output_url, state.complete.run_id)
+        return state.complete
     connect_ray(address)
-    LOG.info("plan %s: %d tensors in %d shards, %.2f GB in", plan.plan_hash[:12], len(plan.tensors),
-             len(plan.shards), plan.input_bytes / 1e9)
+    LOG.info("plan %s: %d tensors in %d shards (%d already done), %.2f GB in", plan.plan_hash[:12],
+             len(plan.tensors), len(plan.shards), len(state.done), plan.input_bytes / 1e9)
     t1 = time.perf_counter()
-    shards, extra, trim_timings = global_trim_shards(plan, progress=progress)
-    timings = {"plan": round(t_plan, 4), **trim_timings}
-    results = run_shards(shards, progress=progress)
+    shards, extra, trim_timings = global_trim_shards(plan, progress=progress, storage_options=opts)
+    timings = {"plan": round(t_plan, 4), **trim_timings, "resumed_shards": len(state.done)}
+    missing = tuple(s for s in shards if s.file_name not in state.done)
+    results = sorted([*run_shards(missing, progress=progress), *state.done.values()], key=lambda r: r.index)
     timings["run"] = round(time.perf_counter() - t1, 4)
     manifest = publish(plan, results, config, timings, storage_options=opts, extra=extra)
+    markers.clear_state(plan.output_url, storage_options=opts)  # the manifest is the record from now on
     LOG.info("published %s (run %s)", plan.output_url, manifest.run_id)
     return manifest

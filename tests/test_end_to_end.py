@@ -114,13 +114,18 @@ def test_file_urls_and_cli(tmp_path, capsys):
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["plan", str(path), "--output", f"file://{out}"]) == 0
-    assert "shards" in capsys.readouterr().out or True
+    assert "model-00001-of-" in capsys.readouterr().out
     assert main(["run", str(path), "--output", f"file://{out}", "--no-progress"]) == 0
     assert main(["verify", f"file://{out}"]) == 0
     assert json.loads((out / "manifest.json").read_text())["config"]["merge_method"] == "ties"
-    # a second run into the same output is refused unless --overwrite
+    # the same config again is a no-op; a different config is refused unless --overwrite
+    run_id = json.loads((out / "manifest.json").read_text())["run_id"]
+    assert main(["run", str(path), "--output", f"file://{out}", "--no-progress"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["run_id"] == run_id
+    path.write_text(yaml.safe_dump({**cfg, "parameters": {"lambda": 0.5}}))
     assert main(["run", str(path), "--output", f"file://{out}", "--no-progress"]) == 2
     assert main(["run", str(path), "--output", f"file://{out}", "--no-progress", "--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["run_id"] != run_id
 
 
 def test_failed_shard_publishes_nothing(tmp_path):

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import ray
 
+from manifests.markers import write_marker
 from workers import shard_task, twin_task
 
 MAX_RETRIES = 3  # a shard is rerun elsewhere if its node dies
 
+def _merge_and_mark(spec: shard_task.ShardSpec) -> shard_task.ShardResult:
+    """Merge one shard, then mark it done (its file is complete), so a rerun can skip it."""
+    result = shard_task.run_shard(spec)
+    write_marker(spec.output_url, result, storage_options=spec.storage_options)
+    return result
+
+
 _BODIES = {
-    "merge": shard_task.run_shard,
+    "merge": _merge_and_mark,
     "high": shard_task.scan_high_histograms,
     "low": shard_task.scan_low_histograms,
     "sign": shard_task.scan_sign_sum,

@@ -1,0 +1,96 @@
+"""Start, resume or refuse a run at an output: the plan record and completion markers decide.
+
+A committed manifest with the same config means the run is complete; a plan record with the same
+config and plan means a partial run whose marked shards are kept; anything else is refused unless
+``overwrite``, which un-publishes the old manifest first so no reader sees it over new shards."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from manifests import markers
+from manifests.reader import ManifestError, read_manifest
+from manifests.schema import MANIFEST_JSON, Manifest
+from pipeline.planner import ShardPlan
+from workers.shard_task import ShardResult
+from workers.tensor_io import join_url, open_fs
+
+LOG = logging.getLogger(__name__)
+
+
+class OutputInUseError(RuntimeError):
+    """The output holds another run; the message says how to proceed."""
+
+
+@dataclass
+class OutputState:
+    """What an output already holds for this plan."""
+
+    complete: Manifest | None = None  # the committed manifest of this very config
+    done: dict[str, ShardResult] = field(default_factory=dict)  # shard file name -> result, from markers
+
+
+def plan_record(plan: ShardPlan) -> dict:
+    return {"config_hash": plan.config_hash, "plan_hash": plan.plan_hash,
+            "shards": [s.file_name for s in plan.shards]}
+
+
+def prepare_output(plan: ShardPlan, *, overwrite: bool, storage_options: dict) -> OutputState:
+    """Decide whether this run starts fresh, resumes or is already complete; refuse a foreign output."""
+    url = plan.output_url
+    try:
+        existing = read_manifest(url, storage_options=storage_options)
+    except ManifestError:
+        existing = None
+    record = markers.read_plan_record(url, storage_options=storage_options)
+    if overwrite:
+        if existing is not None:
+            fs, path = open_fs(join_url(url, MANIFEST_JSON), storage_options)
+            fs.rm(path)
+        markers.clear_state(url, storage_options=storage_options)
+        existing = record = None
+    if existing is not None:
+        if existing.config_hash == plan.config_hash:
+            return OutputState(complete=existing)
+        raise OutputInUseError(f"{url} already holds run {existing.run_id} of a different config "
+                               f"({existing.config_hash[:12]}); choose another output or pass --overwrite to replace it")
+    if record is not None:
+        if record["config_hash"] != plan.config_hash:
+            raise OutputInUseError(f"{url} holds an unfinished run of a different config ({record['config_hash'][:12]}); "
+                                   "rerun that config to finish it, or pass --overwrite to start over")
+        if record["plan_hash"] != plan.plan_hash:
+            raise OutputInUseError(f"{url} holds an unfinished run of this config over different inputs "
+                                   "(a checkpoint changed since); pass --overwrite to start over")
+        done = _valid_markers(plan, storage_options)
+        LOG.info("resuming %s: %d of %d shards already done", url, len(done), len(plan.shards))
+        return OutputState(done=done)
+    markers.write_plan_record(url, plan_record(plan), storage_options=storage_options)
+    return OutputState()
+
+
+def _valid_markers(plan: ShardPlan, storage_options: dict) -> dict[str, ShardResult]:
+    """Markers of this plan's shards whose file is still there with the recorded size."""
+    names = {s.file_name for s in plan.shards}
+    fs, _ = open_fs(plan.output_url, storage_options)
+    done = {}
+    for name, result in markers.read_markers(plan.output_url, storage_options=storage_options).items():
+        _, path = open_fs(join_url(plan.output_url, name), storage_options)
+        if name in names and fs.exists(path) and fs.size(path) == result.file_size:
+            done[name] = result
+    return done
+
+
+def output_status(url: str, *, storage_options: dict | None = None) -> dict:
+    """Done / missing shards of the run at ``url`` (for `mergefleet status`)."""
+    try:
+        manifest = read_manifest(url, storage_options=storage_options)
+        return {"state": "complete", "run_id": manifest.run_id, "config_hash": manifest.config_hash}
+    except ManifestError:
+        pass
+    record = markers.read_plan_record(url, storage_options=storage_options)
+    if record is None:
+        return {"state": "empty"}
+    done = set(markers.read_markers(url, storage_options=storage_options))
+    return {"state": "partial", "config_hash": record["config_hash"],
+            "done": [s for s in record["shards"] if s in done], "missing": [s for s in record["shards"] if s not in done]}
