@@ -17,8 +17,7 @@ import ray
 from tqdm import tqdm
 
 from manifests import markers
-from manifests.reader import ManifestError, read_manifest
-from manifests.schema import INDEX_JSON, MANIFEST_JSON, Manifest, OutputFile
+from manifests.schema import INDEX_JSON, Manifest, OutputFile
 from manifests.writer import atomic_put, tensor_table_bytes, write_manifest
 from pipeline.config import MergeConfig
 from pipeline.global_trim import compute_global_trim, with_global_rules
@@ -130,20 +129,6 @@ def copy_side_files(plan: ShardPlan, output_dtype: str | None, storage_options: 
         atomic_put(join_url(plan.output_url, relative), data, storage_options=storage_options)
         written.append(OutputFile(name=relative, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
     return written
-
-
-def _refuse_foreign_output(plan: ShardPlan, overwrite: bool, storage_options: dict) -> None:
-    """An output that already holds a committed run is only replaced with ``overwrite``."""
-    try:
-        existing = read_manifest(plan.output_url, storage_options=storage_options)
-    except ManifestError:
-        return
-    if not overwrite:
-        same = "the same config" if existing.config_hash == plan.config_hash else f"a different config ({existing.config_hash[:12]})"
-        raise RunError(f"{plan.output_url} already holds run {existing.run_id} from {same}; "
-                       "choose another output or pass --overwrite to replace it")
-    fs, path = open_fs(join_url(plan.output_url, MANIFEST_JSON), storage_options)
-    fs.rm(path)  # un-publish first, so no reader sees the old manifest over new shards
 
 
 def shard_rows(plan: ShardPlan, results: list[ShardResult]) -> tuple[list[dict], list[OutputFile]]:

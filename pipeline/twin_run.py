@@ -41,12 +41,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from manifests import markers
 from manifests.reader import read_manifest
 from manifests.schema import INDEX_JSON, Manifest, OutputFile
 from manifests.writer import atomic_put
 from pipeline.config import TWIN_DEFAULT_RANK_RATIO, ConfigError, MergeConfig
 from pipeline.coordinator import (
-    _refuse_foreign_output,
     commit_manifest,
     connect_ray,
     copy_side_files,
@@ -56,6 +56,7 @@ from pipeline.coordinator import (
     write_index,
 )
 from pipeline.planner import ShardPlan, build_plan
+from pipeline.resume import prepare_output
 from pipeline.twin_inference import TwinModel
 from pipeline.twin_router import (
     ROUTER_CONFIG_FILE,
@@ -176,16 +177,20 @@ def run_twin(config: MergeConfig, *, output_url: str | None = None, address: str
     twin = build_twin_plan(config, output_url=output_url, storage_options=opts)
     plan = twin.plan
     t_plan = time.perf_counter() - t0
-    _refuse_foreign_output(plan, overwrite, opts)
+    state = prepare_output(plan, overwrite=overwrite, storage_options=opts)  # twin shards always rerun
+    if state.complete is not None:
+        LOG.warning("%s already holds this run (%s); nothing to do", plan.output_url, state.complete.run_id)
+        return state.complete
     connect_ray(address)
     LOG.info("twin plan %s: %d tensors in %d shards, %d experts, %.2f GB in", plan.plan_hash[:12],
              len(plan.tensors), len(plan.shards), len(twin.options.experts), plan.input_bytes / 1e9)
     t1 = time.perf_counter()
-    shards, extra, trim_timings = global_trim_shards(plan, progress=progress)
+    shards, extra, trim_timings = global_trim_shards(plan, progress=progress, storage_options=opts)
     results = run_shards(shards, "twin", (twin.options,), progress=progress,
                          memory=lambda spec: twin_shard_memory(spec, twin.options))
     timings = {"plan": round(t_plan, 4), **trim_timings, "run": round(time.perf_counter() - t1, 4)}
     manifest = publish_twin(twin, results, config, timings, storage_options=opts, extra=extra)
+    markers.clear_state(plan.output_url, storage_options=opts)
     LOG.info("published twin run %s at %s", manifest.run_id, plan.output_url)
     return manifest
 

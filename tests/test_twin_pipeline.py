@@ -9,8 +9,6 @@ The real MiniLM (three perturbed copies) checks the artefacts, router training a
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
