@@ -180,8 +180,8 @@ def commit_manifest(plan: ShardPlan, config: MergeConfig, rows: list[dict], file
         output_bytes=sum(r["nbytes"] for r in rows),
         bytes_read=sum(r.bytes_read for r in results),
         timings={**timings, "stages": stage_sums,
-                 "shards": [{"index": r.index, "seconds": round(r.timings.get("total", 0.0), 4), "device": r.device}
-                            for r in results]},
+                 "shards": [{"index": r.index, "seconds": round(r.timings.get("total", 0.0), 4), "device": r.device,
+                             "peak_rss_anon": getattr(r, "peak_rss_anon", None)} for r in results]},
         extra={"ignored_tensors": list(plan.ignored_tensors), **(extra or {})},
     )
     write_manifest(plan.output_url, manifest, parquet, storage_options=storage_options)

@@ -32,7 +32,8 @@ class MethodOptions(BaseModel):
 def bytes_per_element(n_inputs: int, in_itemsize: int, out_itemsize: int) -> int:
     """Peak working-set bytes per tensor element while merging one chunk.
 
-    Counts the raw read buffers, the float32 copy of every input, the kernel's temporaries
-    (|τ|, masks, vote, sum, divisor, tie ranks) and the cast output.
+    Counts two sets of raw read buffers (this chunk and the next tensor's, read ahead), the fused
+    kernels' int32 bucket ids and tie masks per input, three float32 per-element temporaries and
+    the cast output.
     """
-    return n_inputs * in_itemsize + (n_inputs + 6) * 4 + 8 + out_itemsize
+    return 2 * n_inputs * in_itemsize + 5 * n_inputs + 3 * 4 + out_itemsize
