@@ -1,0 +1,70 @@
+"""Peak anonymous memory per shard task as the model grows (0.25B, 0.5B, 1B Llama shapes).
+
+    .venv/bin/python bench/memory_series.py --experts 4 --memory-budget 4GB --json memory.json
+
+Each size is built, merged with per-tensor TIES, measured and deleted before the next. The planned
+budget bounds every task's working set; the series shows peak RssAnon (which includes the ~0.3 GB
+of a Ray worker with torch loaded) staying flat while the model grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import build_inputs, run_one  # noqa: E402
+
+from pipeline.coordinator import connect_ray  # noqa: E402
+
+SIZES = {  # name: (hidden, layers, intermediate) with vocab 32000
+    "0.25B": (1024, 16, 2816),
+    "0.5B": (1536, 16, 4096),
+    "1B": (2048, 16, 5632),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--method", default="ties")
+    parser.add_argument("--memory-budget", default="4GB")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mergefleet-memory"))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    connect_ray(None)
+    rows = []
+    for size in args.sizes:
+        hidden, layers, intermediate = SIZES[size]
+        workdir = Path(args.workdir) / size
+        options = SimpleNamespace(hidden=hidden, layers=layers, intermediate=intermediate, vocab=32000,
+                                  experts=args.experts, memory_budget=args.memory_budget, shards=None)
+        base, experts = build_inputs(workdir, options)
+        result = run_one(args.method, base, experts, workdir / "out", options)
+        rows.append({"size": size, "memory_budget": args.memory_budget, **result})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = json.dumps(rows, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    print("\n| size | input GB | wall s | input GB/s | peak RssAnon per task GB | budget |", file=sys.stderr)
+    print("|---|---|---|---|---|---|", file=sys.stderr)
+    for r in rows:
+        print(f"| {r['size']} | {r['input_gb']} | {r['wall_s']} | {r['input_gb_per_s']} | {r['peak_rss_anon_gb']} | "
+              f"{r['memory_budget']} |", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
