@@ -29,9 +29,10 @@ class InputSummary:
     """One input model as the manifest records it."""
 
     role: str  # "base", "expert" or "model" (linear)
-    url: str
+    url: str  # as given; a Hub model pinned to its commit (hf://org/name@<hash>)
     files: tuple[dict, ...]  # {"url", "size", "header_sha256"} per safetensors file
     nbytes: int
+    revision: str | None = None  # a Hub model: the commit hash its files come from
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def natural_key(name: str) -> list:
 
 def _summarize(role: str, model: ModelFiles) -> InputSummary:
     files = tuple({"url": h.url, "size": h.size, "header_sha256": h.header_sha256} for h in model.files)
-    return InputSummary(role, model.url, files, sum(f["size"] for f in files))
+    return InputSummary(role, model.source or model.url, files, sum(f["size"] for f in files), model.revision)
 
 
 def _check_input(name: str, ref: TensorInfo, model_url: str, info: TensorInfo | None, ref_url: str) -> None:
@@ -170,7 +171,7 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
     output = output_url or config.output
     if not output:
         raise ConfigError("no output: give `output:` in the config or --output URL")
-    opts = storage_options or {}
+    opts = storage_options or dict(config.storage)  # explicit options win over the config's storage: section
     expert_urls = [m.model for m in config.models]
     experts = [resolve_model(u, storage_options=opts) for u in expert_urls]
     if method.uses_base:

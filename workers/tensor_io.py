@@ -1,17 +1,25 @@
 """safetensors over fsspec: header parsing, ranged tensor reads and streamed shard writes.
 
 Everything here goes through fsspec, so a local directory, ``file://``, ``s3://`` and ``gs://``
-behave the same. Checkpoints are never unpickled: only safetensors files are read.
+behave the same; Hugging Face Hub references (``hf://org/name@rev``) resolve to a local snapshot
+(workers/hub.py). Checkpoints are never unpickled: only safetensors files are read.
+
+Remote reads retry transient errors (timeouts, dropped connections, 5xx) with bounded exponential
+backoff and fetch large ranges in bounded GETs; missing files, denied access and corrupt data fail
+at once with a CheckpointError naming the URL and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import struct
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -23,6 +31,12 @@ HEADER_LIMIT = 100 * 1024 * 1024  # safetensors refuses headers above 100 MB; so
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+REMOTE_CHUNK_BYTES = 64 * 1024 * 1024  # largest single ranged GET; bigger reads are split
+READ_ATTEMPTS = 5  # tries of one remote call before a transient error is final
+BACKOFF_SECONDS = 0.5  # wait before the first retry; doubles each time, capped below
+BACKOFF_MAX_SECONDS = 8.0
+STORAGE_FIX = ("check the URL, that the bucket exists, the endpoint (AWS_ENDPOINT_URL or storage.endpoint_url) "
+               "and the credentials (AWS_* or the config's storage: section)")
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -60,8 +74,93 @@ def itemsize(dtype: str) -> int:
 
 def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The one entry point to storage: (filesystem, path) for any fsspec URL or local path."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:  # unknown scheme, backend not installed
+        raise CheckpointError(f"{url}: cannot open this URL ({exc}); check the scheme, or install its fsspec "
+                              "backend (s3fs for s3://, gcsfs for gs://)") from exc
     return fs, path
+
+
+_TRANSIENT_TYPES = {  # by class name, so no backend has to be imported to recognise its errors
+    "FSTimeoutError", "HTTPClientError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+    "ConnectTimeoutError", "ResponseStreamingError", "IncompleteRead", "ClientPayloadError",
+    "ClientConnectionError", "ServerDisconnectedError", "ServerTimeoutError", "ResponseParserError",
+}
+_STORAGE_TYPES = _TRANSIENT_TYPES | {"BotoCoreError", "ClientError", "HttpError", "NoCredentialsError"}
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                     errno.ECONNREFUSED, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EREMOTEIO}
+
+
+def _type_names(exc: BaseException) -> set[str]:
+    return {c.__name__ for c in type(exc).__mro__}
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status behind a storage error (botocore response, aiohttp / gcsfs status), if any."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(status, int):
+                return status
+        for attr in ("status", "code"):
+            status = getattr(e, attr, None)
+            if isinstance(status, int) and 100 <= status < 600:
+                return status
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A storage error worth retrying: a timeout, a dropped or refused connection, throttling, a 5xx.
+    Never a missing file, denied access, a bad request or corrupt data."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        FileExistsError, CheckpointError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)) or _type_names(exc) & _TRANSIENT_TYPES:
+        return True
+    status = _http_status(exc)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
+
+
+def with_retries(what: str, call, *args, **kwargs):
+    """``call(*args, **kwargs)``, retried on transient storage errors: READ_ATTEMPTS tries, waiting
+    BACKOFF_SECONDS, then twice as long each time up to BACKOFF_MAX_SECONDS. ``what`` names the
+    object in the log (a URL: never credentials)."""
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            if attempt >= READ_ATTEMPTS or not is_transient(exc):
+                raise
+            wait = min(BACKOFF_MAX_SECONDS, BACKOFF_SECONDS * 2 ** (attempt - 1))
+            LOG.warning("%s: %s: %s; retry %d of %d in %.1f s", what, type(exc).__name__, exc, attempt,
+                        READ_ATTEMPTS - 1, wait)
+            time.sleep(wait)
+
+
+@contextlib.contextmanager
+def storage_errors(url: str, what: str = ""):
+    """Turn a storage failure inside the block into a CheckpointError naming ``url`` and the fix."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        if not (isinstance(exc, OSError) or _type_names(exc) & _STORAGE_TYPES):
+            raise
+        doing = f" reading {what}" if what else ""
+        if isinstance(exc, FileNotFoundError):
+            raise CheckpointError(f"{url}: not found{doing} ({exc}); {STORAGE_FIX}") from exc
+        if isinstance(exc, PermissionError) or _http_status(exc) in (401, 403):
+            raise CheckpointError(f"{url}: access denied{doing} ({exc}); check the credentials "
+                                  "(AWS_* or the config's storage: section) and the bucket policy") from exc
+        tries = f" after {READ_ATTEMPTS} attempts" if is_transient(exc) else ""
+        unreachable = isinstance(exc, ConnectionError) or _type_names(exc) & {"EndpointConnectionError", "ConnectTimeoutError"}
+        failed = "storage endpoint unreachable" if unreachable else "storage failed"
+        raise CheckpointError(f"{url}: {failed}{doing}{tries} ({type(exc).__name__}: {exc}); {STORAGE_FIX}") from exc
 
 
 def join_url(base: str, *parts: str) -> str:
@@ -105,19 +204,19 @@ class FileHeader:
 def read_header(url: str, *, storage_options: dict[str, Any] | None = None) -> FileHeader:
     """Read only the 8-byte length and JSON header of a safetensors file and validate it."""
     fs, path = open_fs(url, storage_options)
-    try:
-        size = fs.size(path)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{url}: file not found; check the model URL and credentials") from exc
+    with storage_errors(url, "the safetensors header"):
+        size = with_retries(url, fs.size, path)
+        if size >= 8:
+            (header_len,) = struct.unpack("<Q", with_retries(url, fs.cat_file, path, start=0, end=8))
     if size < 8:
         raise CheckpointError(f"{url}: {size} bytes is too short for a safetensors file; the file is truncated, download it again")
-    (header_len,) = struct.unpack("<Q", fs.cat_file(path, start=0, end=8))
     if header_len > HEADER_LIMIT or 8 + header_len > size:
         raise CheckpointError(
             f"{url}: safetensors header claims {header_len} bytes but the file has {size}; "
             "the file is truncated or not safetensors, download or convert it again"
         )
-    raw = fs.cat_file(path, start=8, end=8 + header_len)
+    with storage_errors(url, "the safetensors header"):
+        raw = with_retries(url, fs.cat_file, path, start=8, end=8 + header_len)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -130,6 +229,12 @@ def read_header(url: str, *, storage_options: dict[str, Any] | None = None) -> F
     data_start = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
+        if escapes_prefix(name):
+            raise CheckpointError(
+                f"{url}: tensor {name!r} has a name that would escape the output prefix if used as a path "
+                "(absolute, a '..' segment or a NUL byte); rename it in the checkpoint "
+                "(tensor names are dotted module paths such as model.layers.0.mlp.up_proj.weight)"
+            )
         try:
             dtype, shape, (lo, hi) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
             if not (isinstance(dtype, str) and isinstance(lo, int) and isinstance(hi, int)):
@@ -153,6 +258,12 @@ def read_header(url: str, *, storage_options: dict[str, Any] | None = None) -> F
     return FileHeader(url, size, hashlib.sha256(raw).hexdigest(), tensors, dict(metadata))
 
 
+def escapes_prefix(name: str) -> bool:
+    """Whether a name (a tensor's, or a file's in an index), taken as a relative path, could leave the
+    directory it is put under: absolute, a '..' segment, or a NUL byte."""
+    return name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or "\x00" in name
+
+
 @dataclass(frozen=True)
 class ModelFiles:
     """A Hugging Face style model directory: its safetensors headers and every tensor's location."""
@@ -160,29 +271,59 @@ class ModelFiles:
     url: str
     files: tuple[FileHeader, ...]
     tensors: dict[str, TensorInfo]
+    source: str | None = None  # a Hub model: the reference pinned to its commit (hf://org/name@<hash>); url is the local snapshot
+    revision: str | None = None  # a Hub model: the commit hash its files come from
+
+
+def _model_file_urls(url: str, fs: fsspec.AbstractFileSystem, root: str) -> list[str] | None:
+    """The safetensors files a single file, an index or model.safetensors names; None to list the directory."""
+    if root.endswith(".safetensors"):
+        return [url]
+    if with_retries(url, fs.exists, join_url(root, INDEX_NAME)):
+        raw = with_retries(url, fs.cat_file, join_url(root, INDEX_NAME))
+        try:
+            weight_map = json.loads(raw).get("weight_map", {})
+            names = sorted(set(weight_map.values()))
+        except (UnicodeDecodeError, ValueError, AttributeError, TypeError) as exc:
+            raise CheckpointError(f"{url}: {INDEX_NAME} is not a valid index ({exc}); regenerate or download it again") from exc
+        if not names:
+            raise CheckpointError(f"{url}: {INDEX_NAME} has an empty weight_map")
+        bad = [n for n in names if not isinstance(n, str) or not n or escapes_prefix(n)]
+        if bad:
+            raise CheckpointError(f"{url}: {INDEX_NAME} maps tensors to files outside the model directory {bad[:3]}; "
+                                  "an index names files relative to its own directory")
+        return [join_url(url, n) for n in names]
+    if with_retries(url, fs.exists, join_url(root, SINGLE_NAME)):
+        return [join_url(url, SINGLE_NAME)]
+    return None
 
 
 def resolve_model(url: str, *, storage_options: dict[str, Any] | None = None) -> ModelFiles:
-    """Locate the safetensors files of a model directory (single file or sharded with an index)."""
+    """Locate the safetensors files of a model directory (single file or sharded with an index).
+
+    A Hugging Face Hub reference (``hf://org/name@rev``, or ``org/name`` when no such local path
+    exists) is fetched into the local cache first; the result records its commit.
+    """
+    from workers import hub  # hub imports this module
+
+    if hub.parse_reference(url) is not None:
+        snapshot = hub.resolve(url)
+        model = resolve_model(snapshot.local_dir)
+        return replace(model, source=snapshot.pinned_url, revision=snapshot.commit)
     fs, root = open_fs(url, storage_options)
-    if root.endswith(".safetensors"):
-        file_urls = [url]
-    elif fs.exists(join_url(root, INDEX_NAME)):
-        index = json.loads(fs.cat_file(join_url(root, INDEX_NAME)))
-        file_urls = [join_url(url, f) for f in sorted(set(index.get("weight_map", {}).values()))]
-        if not file_urls:
-            raise CheckpointError(f"{url}: {INDEX_NAME} has an empty weight_map")
-    elif fs.exists(join_url(root, SINGLE_NAME)):
-        file_urls = [join_url(url, SINGLE_NAME)]
-    else:
-        try:
-            listing = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"{url}: no such model directory; check the path, bucket and credentials") from exc
+    with storage_errors(url, "the model directory"):
+        file_urls = _model_file_urls(url, fs, root)
+    if file_urls is None:
+        with storage_errors(url, "the model directory"):
+            try:
+                listing = [p.rsplit("/", 1)[-1] for p in with_retries(url, fs.ls, root, detail=False)]
+            except FileNotFoundError as exc:
+                raise CheckpointError(f"{url}: no such model directory ({exc}); {STORAGE_FIX}") from exc
         pickles = [n for n in listing if n.endswith(PICKLE_SUFFIXES)]
         if pickles:
+            what = "is a pickle checkpoint" if root.endswith(PICKLE_SUFFIXES) else f"holds pickle checkpoints {pickles}"
             raise CheckpointError(
-                f"{url}: holds pickle checkpoints {pickles} and no safetensors; mergefleet never unpickles. "
+                f"{url}: {what} and no safetensors; mergefleet never unpickles. "
                 "Convert once with: python -c \"import torch, safetensors.torch as st; "
                 "st.save_file(torch.load('pytorch_model.bin', weights_only=True), 'model.safetensors')\""
             )
@@ -203,8 +344,9 @@ def resolve_model(url: str, *, storage_options: dict[str, Any] | None = None) ->
 class RangeReader:
     """Ranged reads of tensors (whole or by rows), keeping one filesystem handle per file URL.
 
-    Local files are read straight into the caller's buffer (``readinto``); object stores answer
-    one ranged GET per read.
+    Local files are read straight into the caller's buffer (``preadv``); object stores answer
+    ranged GETs of at most REMOTE_CHUNK_BYTES each, copied into the buffer, each retried on
+    transient errors.
     """
 
     def __init__(self, storage_options: dict[str, Any] | None = None):
@@ -230,9 +372,16 @@ class RangeReader:
                     break
                 got += n
         else:
-            data = fs.cat_file(path, start=info.start + start, end=info.start + start + len(out))
-            got = len(data)
-            out[:got] = data
+            got = 0
+            while got < len(out):
+                lo = info.start + start + got
+                hi = lo + min(REMOTE_CHUNK_BYTES, len(out) - got)
+                with storage_errors(info.file_url, f"bytes {lo}..{hi}"):
+                    data = with_retries(info.file_url, fs.cat_file, path, start=lo, end=hi)
+                out[got:got + len(data)] = data
+                got += len(data)
+                if len(data) < hi - lo:
+                    break
         if got != len(out):
             raise CheckpointError(f"{info.file_url}: short read of {got} of {len(out)} bytes; the file changed or is truncated")
         self.bytes_read += got
