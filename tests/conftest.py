@@ -43,3 +43,24 @@ def pytest_sessionfinish(session, exitstatus):
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed mini`, fresh data dir) for the session, with the AWS_*
+    environment set for this process and for Ray's workers; stopped at the end."""
+    import ray
+    from s3_server import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("seaweedfs") / "data")
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    if ray.is_initialized():  # workers copy the driver's environment at ray.init: restart to pass the new one on
+        ray.shutdown()
+    yield server
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
