@@ -173,7 +173,8 @@ def commit_manifest(plan: ShardPlan, config: MergeConfig, rows: list[dict], file
         config_hash=plan.config_hash,
         plan_hash=plan.plan_hash,
         method=method if method is not None else plan.method.model_dump(),
-        inputs=[{"role": i.role, "url": i.url, "files": list(i.files), "bytes": i.nbytes} for i in plan.inputs],
+        inputs=[{"role": i.role, "url": i.url, "revision": i.revision, "files": list(i.files), "bytes": i.nbytes}
+                for i in plan.inputs],
         files=files,
         tensors_table_sha256=hashlib.sha256(parquet).hexdigest(),
         n_tensors=len(rows),
@@ -226,7 +227,7 @@ def run_merge(config: MergeConfig, *, output_url: str | None = None, address: st
 
         return run_twin(config, output_url=output_url, address=address, storage_options=storage_options,
                         overwrite=overwrite, progress=progress)
-    opts = storage_options or {}
+    opts = storage_options or dict(config.storage)
     t0 = time.perf_counter()
     plan = build_plan(config, output_url=output_url, storage_options=opts)
     t_plan = time.perf_counter() - t0

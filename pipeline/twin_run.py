@@ -172,7 +172,7 @@ def _size(n: int) -> str:
 def run_twin(config: MergeConfig, *, output_url: str | None = None, address: str | None = None,
              storage_options: dict | None = None, overwrite: bool = False, progress: bool = True) -> Manifest:
     """Plan, run every twin shard on Ray, assemble the adapters and publish. Returns the manifest."""
-    opts = storage_options or {}
+    opts = storage_options or dict(config.storage)
     t0 = time.perf_counter()
     twin = build_twin_plan(config, output_url=output_url, storage_options=opts)
     plan = twin.plan

@@ -47,7 +47,7 @@ class ShardSpec:
     output_url: str
     tensors: tuple[TensorTask, ...]
     method: MethodOptions
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold credentials
     trim_rules: tuple[TrimRule, ...] | None = None  # global TIES: one rule per expert for the whole model
     zero_sign: float | None = None  # global TIES: the model-wide majority sign for γ = 0
     nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in an input: raise, or merge anyway

@@ -1,0 +1,101 @@
+"""Twin exclusive factors at a fixed rank: mergefleet vs mergekit-extract-lora, time and error.
+
+    .venv/bin/python bench/twin_factors.py --rank 32 --mergekit-extract-lora /path/to/mergekit-extract-lora
+
+One expert of the bench/run.py synthetic Llama; mergefleet runs `merge_method: twin` with a shared
+model equal to the base (task arithmetic, λ = 0), so v = θ_expert − θ_base, exactly what
+mergekit-extract-lora factorizes. Error: each tensor's ‖v − BA‖_F / ‖v‖_F from the manifest
+against the exact truncated SVD's (computed here for the layer-0 matrices and the embedding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import build_inputs  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.coordinator import connect_ray, run_merge  # noqa: E402
+
+
+def load(model_dir: Path, name: str) -> torch.Tensor:
+    index = model_dir / "model.safetensors.index.json"
+    files = [model_dir / json.loads(index.read_text())["weight_map"][name]] if index.exists() else [model_dir / "model.safetensors"]
+    with safe_open(str(files[0]), "pt") as f:
+        return f.get_tensor(name).float()
+
+
+def exact_error(v: torch.Tensor, rank: int) -> float:
+    s = torch.linalg.svdvals(v.double())
+    return float((s[rank:] ** 2).sum().sqrt() / (s ** 2).sum().sqrt())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mergefleet-bench"))
+    parser.add_argument("--mergekit-extract-lora", default=shutil.which("mergekit-extract-lora"))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    workdir = Path(args.workdir)
+    options = SimpleNamespace(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
+                              vocab=args.vocab, experts=4)
+    base, experts = build_inputs(workdir, options)
+    expert = experts[0]
+    connect_ray(None)
+    out = workdir / "twin-out"
+    config = {"merge_method": "twin", "base_model": str(base), "output": str(out),
+              "models": [{"model": str(expert), "parameters": {"weight": 1.0}}],
+              "parameters": {"shared": {"merge_method": "task_arithmetic", "parameters": {"lambda": 0.0}},
+                             "rank": args.rank, "svd": "auto"}}
+    t0 = time.perf_counter()
+    manifest = run_merge(load_config(config), overwrite=True, progress=False)
+    ours = time.perf_counter() - t0
+    tensors = manifest.extra["twin"]["experts"][0]["tensors"]
+    checked = ["model.embed_tokens.weight"] + [n for n in tensors if n.startswith("model.layers.0.") and tensors[n]["kind"] == "factors"]
+    ratios = {}
+    for name in checked:
+        v = load(expert, name) - load(base, name)
+        ratios[name] = round(tensors[name]["rel_error"] / exact_error(v, args.rank), 4)
+    row = {"tool": "mergefleet", "rank": args.rank, "wall_s": round(ours, 2),
+           "error_vs_exact_max": max(ratios.values()), "error_vs_exact": ratios}
+    report = {"inputs": vars(options), "results": [row]}
+    if args.mergekit_extract_lora:
+        lora_out = workdir / "mergekit-lora"
+        shutil.rmtree(lora_out, ignore_errors=True)
+        t0 = time.perf_counter()
+        subprocess.run([args.mergekit_extract_lora, "--model", str(expert), "--base-model", str(base),
+                        "--out-path", str(lora_out), "--max-rank", str(args.rank)], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        theirs = time.perf_counter() - t0
+        report["results"].append({"tool": "mergekit-extract-lora", "rank": args.rank, "wall_s": round(theirs, 2)})
+        row["speedup_vs_mergekit"] = round(theirs / ours, 1)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
