@@ -184,7 +184,7 @@ def trim_chunk(chunk: torch.Tensor, rule: TrimRule, ties_before: int) -> tuple[t
         cut, n_tied = ties.ALL_TIES, 0
     else:
         cut, n_tied = ties.tie_cut(ties.tied_mask(base, flat, thr)[0], rule, ties_before)
-    out = ties.trimmed_weighted(base, flat, thr, torch.tensor([cut]), torch.tensor([1.0]))
+    (out,) = ties.trimmed_weighted(base, flat, thr, torch.tensor([cut]), torch.tensor([1.0]))
     return out.reshape(chunk.shape), n_tied
 
 

@@ -13,11 +13,11 @@ from workers.ties import sum_in_order
 
 def task_arithmetic_merge(base, experts, weights, lam, divisor, *, out_dtype: torch.dtype):
     """θ₀ + λ·(Σ w_t τ_t / divisor); divisor = Σw when normalizing, else 1 (0-d float32 tensors)."""
-    tau = experts.float() - base.float()
-    total = sum_in_order(tau * weights.view(-1, 1))
-    return (base.float() + lam * (total / divisor)).to(out_dtype)
+    b = base.float()
+    total = sum_in_order([(experts[t].float() - b) * weights[t] for t in range(experts.shape[0])])
+    return (b + lam * (total / divisor)).to(out_dtype)
 
 
 def linear_merge(models, weights, divisor, *, out_dtype: torch.dtype):
     """Σ w_t θ_t / divisor; divisor = Σw when normalizing, else 1."""
-    return (sum_in_order(models.float() * weights.view(-1, 1)) / divisor).to(out_dtype)
+    return (sum_in_order([models[t].float() * weights[t] for t in range(models.shape[0])]) / divisor).to(out_dtype)

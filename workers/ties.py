@@ -16,30 +16,31 @@ from workers.selection import TrimRule
 ALL_TIES = 1 << 62
 
 
-def _column(x: torch.Tensor) -> torch.Tensor:
-    return x.view(-1, 1)
-
-
-def trimmed_weighted(base, experts, thr, cut, weights):
-    """w_t · trimmed τ_t, [T, N] float32."""
-    tau = experts.float() - base.float()
-    magnitude = tau.abs()
-    index = torch.arange(tau.shape[1], device=tau.device)
-    keep = (magnitude > _column(thr)) | ((magnitude == _column(thr)) & (index <= _column(cut)))
-    return torch.where(keep, tau, 0.0) * _column(weights)
-
-
-def sum_in_order(rows):
-    """Σ over dim 0 added strictly in row (expert) order, so bytes never depend on chunk size."""
-    total = rows[0]
-    for t in range(1, rows.shape[0]):
-        total = total + rows[t]
+def sum_in_order(terms):
+    """Σ of a sequence of same-shaped tensors, added strictly in order (expert order), so bytes
+    never depend on chunk size and eager and compiled forms agree."""
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
     return total
 
 
-def vote(weighted, sign_by_count: bool):
+def trimmed_weighted(base, experts, thr, cut, weights) -> list:
+    """Per expert, w_t · trimmed τ_t as a flat float32 tensor (a list: one fused loop when compiled)."""
+    b = base.float()
+    index = torch.arange(b.shape[0], device=b.device)
+    weighted = []
+    for t in range(experts.shape[0]):
+        tau = experts[t].float() - b
+        magnitude = tau.abs()
+        keep = (magnitude > thr[t]) | ((magnitude == thr[t]) & (index <= cut[t]))
+        weighted.append(torch.where(keep, tau, 0.0) * weights[t])
+    return weighted
+
+
+def vote(weighted: list, sign_by_count: bool):
     """γ = sign(Σ w·τ) (mass) or sign(Σ sign(w·τ)) (count), summed in expert order; 0 where tied."""
-    return torch.sign(sum_in_order(torch.sign(weighted) if sign_by_count else weighted))
+    return torch.sign(sum_in_order([torch.sign(x) for x in weighted] if sign_by_count else weighted))
 
 
 def ties_merge(base, experts, thr, cut, weights, lam, zero_sign, *, sign_by_count: bool, normalize: bool,
@@ -49,10 +50,10 @@ def ties_merge(base, experts, thr, cut, weights, lam, zero_sign, *, sign_by_coun
     weighted = trimmed_weighted(base, experts, thr, cut, weights)
     gamma = vote(weighted, sign_by_count)
     gamma = torch.where(gamma == 0, zero_sign, gamma)
-    agree = weighted * gamma > 0
-    merged = sum_in_order(torch.where(agree, weighted, 0.0))
+    agree = [x * gamma > 0 for x in weighted]
+    merged = sum_in_order([torch.where(a, x, 0.0) for a, x in zip(agree, weighted)])
     if normalize:
-        divisor = sum_in_order(torch.where(agree, _column(weights), 0.0))
+        divisor = sum_in_order([torch.where(a, weights[t], 0.0) for t, a in enumerate(agree)])
         merged = merged / torch.where(divisor == 0, 1.0, divisor)
     return (base.float() + lam * merged).to(out_dtype)
 

@@ -1,0 +1,42 @@
+"""The fused kernels give the same bytes compiled (torch.compile) as eager, so the row-chunk size,
+which decides between them, never changes an output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers import compiled, linear, selection, ties
+
+
+@pytest.fixture(scope="module")
+def chunk():
+    g = torch.Generator().manual_seed(0)
+    n, t = compiled.COMPILE_MIN_ELEMENTS // 3 + 1, 3  # T·N just above the compile threshold
+    base = torch.randn(n, generator=g).bfloat16()
+    noise = torch.randn(t, n, generator=g) * 0.01 * (torch.rand(t, n, generator=g) < 0.5)
+    return base, (base.float() + noise).bfloat16()
+
+
+def _both(kernel, *args, numel, **kwargs):
+    return kernel(*args, **kwargs), compiled.run(kernel, *args, numel=numel, **kwargs)
+
+
+@pytest.mark.parametrize("sign_by_count,normalize", [(False, True), (True, False)])
+def test_ties_merge_compiled_equals_eager(chunk, sign_by_count, normalize):
+    base, experts = chunk
+    thr = torch.tensor([0.004, 0.006, 0.0])
+    cut = torch.tensor([ties.ALL_TIES, 1000, -1])
+    eager, fused = _both(ties.ties_merge, base, experts, thr, cut, torch.tensor([1.0, 0.5, 2.0]), torch.tensor(0.7),
+                         torch.tensor(-1.0), sign_by_count=sign_by_count, normalize=normalize,
+                         out_dtype=torch.float32, numel=experts.numel())
+    assert torch.equal(eager, fused)
+
+
+def test_task_arithmetic_and_histograms_compiled_equal_eager(chunk):
+    base, experts = chunk
+    eager, fused = _both(linear.task_arithmetic_merge, base, experts, torch.tensor([1.0, 0.5, 2.0]), torch.tensor(0.3),
+                         torch.tensor(3.5), out_dtype=torch.bfloat16, numel=experts.numel())
+    assert torch.equal(eager, fused)
+    eager, fused = _both(selection.high_bucket_ids, base, experts, numel=experts.numel())
+    assert torch.equal(eager, fused)
