@@ -39,7 +39,7 @@ import torch
 
 SvdMethod = Literal["auto", "exact", "randomized"]
 
-DEFAULT_AUTO_THRESHOLD = 1024  # min(m, n) above which "auto" may pick the randomized SVD
+DEFAULT_AUTO_THRESHOLD = 256  # min(m, n) above which "auto" may pick the randomized SVD (when r is small)
 _RESIDUAL_BLOCK_ELEMENTS = 1 << 22  # elements of v − BA formed at once when measuring the error
 
 
