@@ -18,14 +18,12 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def _config(base, experts, out, method, **extra):
-    params = {"weight": 1.0}
     models = [{"model": str(e), "parameters": {"weight": w, "density": d}}
               for e, w, d in zip(experts, (1.0, 0.5, 2.0), (0.5, 0.3, 0.8))]
     cfg = {"merge_method": method, "models": models, "output": str(out), "dtype": "float32"}
     if method != "linear":
         cfg["base_model"] = str(base)
     cfg.update(extra)
-    del params
     return load_config(cfg)
 
 

@@ -418,7 +418,7 @@ def run_ray_job(url: str, entrypoint: list[str], *, deadline_s: float = 180) -> 
     """Submit `entrypoint` with `ray job submit --no-wait` and poll it until it ends;
     returns (final status, job logs). Polling goes through the job SDK, whose statuses
     are an enum (the CLI's `ray job status` prints prose)."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     job_id = f"test-infra-{uuid.uuid4().hex[:8]}"
     submitted = ray_cli(
