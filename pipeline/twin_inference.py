@@ -56,11 +56,12 @@ class _TwinLayer(nn.Module):
         self._current = current
 
     def _weights(self, x: torch.Tensor, batch_dims: int) -> torch.Tensor | None:
-        """Current weights shaped (batch, 1, …, 1, T) to broadcast over ``x``'s leading dims."""
+        """Current weights shaped (batch, 1, …, 1, T) to broadcast over ``x``'s leading dims; an
+        activation shared by the whole batch (batch dim 1, e.g. position embeddings) broadcasts too."""
         w = self._current.value
         if w is None:
             return None
-        if w.shape[0] not in (1, x.shape[0]):
+        if w.shape[0] != x.shape[0] and 1 not in (w.shape[0], x.shape[0]):  # batch-1 activations broadcast
             raise ValueError(
                 f"expert weights are for {w.shape[0]} samples but a layer got a batch of {x.shape[0]}; "
                 "twin layers need the batch as the first dimension of every activation"

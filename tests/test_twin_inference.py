@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -285,3 +286,22 @@ def test_peft_export_takes_factors_from_factorize():
     state, config = export_lora_adapter(list(base.state_dict()), {"pooler.dense.weight": f})
     assert torch.equal(state["base_model.model.pooler.dense.lora_B.weight"], f.B)
     assert config["target_modules"] == ["pooler.dense"] or config["target_modules"] == ["dense"]
+
+
+def test_batch_one_activation_broadcasts_over_per_sample_weights():
+    """An activation shared by the batch (batch dim 1, like BERT's position embeddings) gets each
+    sample's own mix: the output has the weights' batch size."""
+    torch.manual_seed(0)
+    embedding = nn.Embedding(10, 8)
+    factors = {e: {"0.weight": (torch.randn(10, 2), torch.randn(2, 8))} for e in ("e0", "e1")}
+    twin = TwinModel(nn.Sequential(embedding), factors)
+    twin.set_mode("fixed")
+    weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    twin.set_weights(weights)
+    ids = torch.tensor([[1, 2, 3]])
+    out = twin(ids)
+    assert out.shape == (3, 3, 8)
+    for i in range(3):
+        dense = embedding.weight + sum(weights[i, t] * (B @ A) for t, (B, A) in
+                                       enumerate(f["0.weight"] for f in factors.values()))
+        torch.testing.assert_close(out[i], dense[ids[0]], rtol=1e-5, atol=1e-5)
