@@ -221,7 +221,6 @@ class _MergeInputs:
         return loaded
 
 
-
 def _histograms(inputs: _MergeInputs, buckets: torch.Tensor | None, timer: _Timer) -> torch.Tensor:
     """[T, width] counts of |τ|'s high bits (``buckets`` None) or of its low bits inside each
     expert's bucket, over every chunk of the tensor."""
