@@ -113,12 +113,17 @@ def run_one(name: str, base: Path, experts: list[Path], out: Path, args) -> dict
             "shards": len(manifest.timings["shards"])}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The synthetic Llama's shape (defaults: the 0.17B model of the README's table)."""
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--intermediate", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=32000)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--shards", type=int, default=None)

@@ -27,7 +27,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import build_inputs  # noqa: E402
+from run import add_model_arguments, build_inputs  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.coordinator import connect_ray, run_merge  # noqa: E402
@@ -47,10 +47,7 @@ def exact_error(v: torch.Tensor, rank: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--intermediate", type=int, default=2816)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_model_arguments(parser)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mergefleet-bench"))
     parser.add_argument("--mergekit-extract-lora", default=shutil.which("mergekit-extract-lora"))

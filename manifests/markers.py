@@ -17,31 +17,14 @@ PLAN_JSON = "plan.json"
 DONE_DIR = "done"
 
 
-def plan_url(output_url: str) -> str:
-    return join_url(output_url, STATE_DIR, PLAN_JSON)
-
-
-def read_plan_record(output_url: str, *, storage_options: dict | None = None) -> dict | None:
-    """The plan record of a run started at this output, or None."""
-    fs, path = open_fs(plan_url(output_url), storage_options)
-    try:
-        return json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-
-
-def write_plan_record(output_url: str, record: dict, *, storage_options: dict | None = None) -> None:
-    atomic_put(plan_url(output_url), json.dumps(record, indent=2, sort_keys=True).encode(),
-               storage_options=storage_options)
-
-
 def write_state(output_url: str, name: str, data: dict, *, storage_options: dict | None = None) -> None:
-    """A small JSON document of run state (e.g. global-trim thresholds) under the state folder."""
+    """A small JSON document of run state (the plan record, global-trim thresholds) under the state folder."""
     atomic_put(join_url(output_url, STATE_DIR, name), json.dumps(data, sort_keys=True).encode(),
                storage_options=storage_options)
 
 
 def read_state(output_url: str, name: str, *, storage_options: dict | None = None) -> dict | None:
+    """A run-state document written by ``write_state``, or None when there is none."""
     fs, path = open_fs(join_url(output_url, STATE_DIR, name), storage_options)
     try:
         return json.loads(fs.cat_file(path))

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import MANIFEST_JSON, MANIFEST_PARQUET, TENSOR_TABLE, Manifest
-from workers.tensor_io import join_url, open_fs
+from workers.tensor_io import is_local, join_url, open_fs
 
 
 def tensor_table_bytes(rows: list[dict]) -> bytes:
@@ -36,7 +36,7 @@ def atomic_put(url: str, data: bytes, *, storage_options: dict | None = None, ex
     check-then-write) and AlreadyPublishedError is raised otherwise.
     """
     fs, path = open_fs(url, storage_options)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         fs.pipe_file(tmp, data)

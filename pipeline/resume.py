@@ -43,7 +43,7 @@ def prepare_output(plan: ShardPlan, *, overwrite: bool, storage_options: dict) -
         existing = read_manifest(url, storage_options=storage_options)
     except ManifestError:
         existing = None
-    record = markers.read_plan_record(url, storage_options=storage_options)
+    record = markers.read_state(url, markers.PLAN_JSON, storage_options=storage_options)
     if overwrite:
         if existing is not None:
             fs, path = open_fs(join_url(url, MANIFEST_JSON), storage_options)
@@ -65,7 +65,7 @@ def prepare_output(plan: ShardPlan, *, overwrite: bool, storage_options: dict) -
         done = _valid_markers(plan, storage_options)
         LOG.info("resuming %s: %d of %d shards already done", url, len(done), len(plan.shards))
         return OutputState(done=done)
-    markers.write_plan_record(url, plan_record(plan), storage_options=storage_options)
+    markers.write_state(url, markers.PLAN_JSON, plan_record(plan), storage_options=storage_options)
     return OutputState()
 
 
@@ -88,7 +88,7 @@ def output_status(url: str, *, storage_options: dict | None = None) -> dict:
         return {"state": "complete", "run_id": manifest.run_id, "config_hash": manifest.config_hash}
     except ManifestError:
         pass
-    record = markers.read_plan_record(url, storage_options=storage_options)
+    record = markers.read_state(url, markers.PLAN_JSON, storage_options=storage_options)
     if record is None:
         return {"state": "empty"}
     done = set(markers.read_markers(url, storage_options=storage_options))

@@ -73,7 +73,7 @@ from pipeline.twin_router import (
     train_router,
 )
 from workers.peft_export import COVERAGE_OMITTED, export_lora_adapter, lora_coverage
-from workers.tensor_io import DTYPES, FLOAT_DTYPES, join_url, open_fs, read_header, rows_of
+from workers.tensor_io import DTYPES, FLOAT_DTYPES, is_local, join_url, open_fs, read_header, rows_of
 from workers.twin_task import (
     TWIN_MATRIX_COPIES,
     TwinOptions,
@@ -361,8 +361,7 @@ def local_shared_dir(output_url: str, manifest: Manifest, *, storage_options: di
     """A local directory holding shared/: the output's own folder when it is local, else a
     temporary copy of the files the manifest lists under shared/ (removed afterwards)."""
     fs, root = open_fs(join_url(output_url, SHARED_DIR), storage_options)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" in protocols or "local" in protocols:
+    if is_local(fs):
         yield root
         return
     tmp = tempfile.mkdtemp(prefix="mergefleet-shared-")

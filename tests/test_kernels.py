@@ -214,11 +214,16 @@ def test_ties_float32_bit_exact_and_close_to_float64(tmp_path, weights, densitie
     cfg = make_config("ties", base_dir, expert_dirs, tmp_path / "q_out", weights=weights, densities=densities,
                       parameters=_ties_params(lam, normalize, sign_method, zero_sign), dtype="float32")
     merged, _ = run_pipeline(cfg)
+    _assert_ties_matches_references(merged, base, experts, opts)
+
+
+def _assert_ties_matches_references(merged, base, experts, opts):
+    """Grid inputs: bytes equal to the float32 rules, and within float32 rounding of the float64 ones."""
     for name, b in base.items():
         xs = [e[name] for e in experts]
         assert torch.equal(merged[name], merge_reference("ties", b, xs, dtype=torch.float32, **opts)), name
         assert_close_to_f64(merged[name], merge_reference("ties", b, xs, **opts), b,
-                            delta_scale(b, xs, weights, lam), name)
+                            delta_scale(b, xs, opts["weights"], opts["lam"]), name)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -244,11 +249,7 @@ def test_ties_property(n_experts, seed, data, lam, normalize, sign_method, zero_
         cfg = make_config("ties", base_dir, expert_dirs, root / "out", weights=weights, densities=densities,
                           parameters=_ties_params(lam, normalize, sign_method, zero_sign), dtype="float32")
         merged, _ = run_pipeline(cfg)
-    for name, b in base.items():
-        xs = [e[name] for e in experts]
-        assert torch.equal(merged[name], merge_reference("ties", b, xs, dtype=torch.float32, **opts)), name
-        assert_close_to_f64(merged[name], merge_reference("ties", b, xs, **opts), b,
-                            delta_scale(b, xs, weights, lam), name)
+    _assert_ties_matches_references(merged, base, experts, opts)
 
 
 @pytest.mark.parametrize("budget", [10**9, 300])

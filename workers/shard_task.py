@@ -404,6 +404,14 @@ def scan_sign_sum(spec: ShardSpec, rules: tuple[TrimRule, ...]) -> ScanResult:
     return _scan(spec, accumulate, [0])
 
 
+def copy_tensor(chunks: _ChunkReader, task: TensorTask, writer: ShardWriter) -> None:
+    """Stream a tensor taken unmerged from its source into ``writer``, cast to its output dtype."""
+    for rows in row_ranges(task):
+        raw = chunks.raw(task.inputs[0], rows)
+        with chunks.timer.track("write"):
+            writer.write(task.name, raw.to(DTYPES[task.out_dtype]))
+
+
 def run_shard(spec: ShardSpec) -> ShardResult:
     """Read, merge and write every tensor of one shard; returns its result (no tensors)."""
     t_start = time.perf_counter()
@@ -420,16 +428,12 @@ def run_shard(spec: ShardSpec) -> ShardResult:
             inputs = {t.name: merge_inputs(chunks, t, spec, parity=i % 2) for i, t in enumerate(merged)}
             following = dict(zip([t.name for t in merged], [t.name for t in merged[1:]]))
             for task in spec.tensors:
-                out_dtype = DTYPES[task.out_dtype]
                 if task.action == "copy":
-                    for rows in row_ranges(task):
-                        raw = chunks.raw(task.inputs[0], rows)
-                        with timer.track("write"):
-                            writer.write(task.name, raw.to(out_dtype))
+                    copy_tensor(chunks, task, writer)
                     continue
                 if task.name in following:  # read the next merged tensor while this one computes
                     inputs[following[task.name]].prefetch()
-                for _, out in _merge_chunks(chunks, task, spec, out_dtype, inputs.pop(task.name)):
+                for _, out in _merge_chunks(chunks, task, spec, DTYPES[task.out_dtype], inputs.pop(task.name)):
                     with timer.track("write"):
                         writer.write(task.name, out)
             with timer.track("write"):

@@ -362,7 +362,7 @@ class RangeReader:
 
     def _read_into(self, info: TensorInfo, start: int, out: memoryview) -> None:
         fs, path = self._open(info.file_url)
-        if _is_local(fs):
+        if is_local(fs):
             if path not in self._local_files:
                 self._local_files[path] = os.open(path, os.O_RDONLY)
             got = 0
@@ -410,7 +410,8 @@ class RangeReader:
         self._local_files.clear()
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local filesystem (paths are real files: rename, link, pread work)."""
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
 

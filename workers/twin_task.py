@@ -42,6 +42,7 @@ from workers.shard_task import (
     _ChunkReader,
     _merge_chunks,
     _Timer,
+    copy_tensor,
     pick_device,
     row_ranges,
 )
@@ -248,13 +249,6 @@ class _FactorFile:
         return writer.close(), writer.bytes_written, tuple(writer.results)
 
 
-def _copy_tensor(chunks: _ChunkReader, task: TensorTask, writer: ShardWriter, timer: _Timer) -> None:
-    for rows in row_ranges(task):
-        raw = chunks.raw(task.inputs[0], rows)
-        with timer.track("write"):
-            writer.write(task.name, raw.to(DTYPES[task.out_dtype]))
-
-
 def _expert_rows(chunks: _ChunkReader, info: TensorInfo, rows: tuple[int, int]) -> torch.Tensor:
     """θ_t's rows, flat float32 on the task's device."""
     raw = chunks.raw(info, rows)
@@ -328,7 +322,7 @@ def run_twin_shard(spec: ShardSpec, options: TwinOptions) -> TwinShardResult:
         with PeakAnonMemory() as memory:
             for task in spec.tensors:
                 if task.action == "copy":
-                    _copy_tensor(chunks, task, writer, timer)
+                    copy_tensor(chunks, task, writer)
                     continue
                 infos = expert_infos(task, uses_base)
                 if len(infos) != len(options.experts):
