@@ -25,6 +25,7 @@ from workers.tensor_io import DTYPE_ALIASES
 
 DEFAULT_DENSITY = 0.2  # SPEC.md: TIES keeps the top 20 % (mergekit's own default is 1.0: set it to match)
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3
+DEFAULT_PROCESS_RESERVE = "512MiB"  # a CPU worker with Python, torch, Ray and the compiled kernels: 0.2-0.5 GB
 DEFAULT_SHARD_BYTES = 1024**3
 TWIN_SHARED_LAMBDA = 0.29  # SPEC.md (Twin-Merging paper): λ of the task-arithmetic shared expert
 TWIN_DEFAULT_RANK_RATIO = 0.1  # SPEC.md: the paper's default rank as a fraction of min(m, n)
@@ -105,7 +106,8 @@ class MergeConfig(_Frozen):
     output: str | None = None  # output URL (local dir, file://, s3://, gs://); --output overrides
     exclude: tuple[str, ...] = ()  # regexes of tensor names copied from the base unmerged
     shards: Union[int, str, None] = None  # number of output shards (int) or target bytes per shard ("2GB")
-    memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET  # working-set bytes allowed per shard task
+    memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET  # anonymous memory per shard task, its process included
+    process_reserve: Union[int, str] = DEFAULT_PROCESS_RESERVE  # part of memory_budget the worker process itself holds
     nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in a merged input: fail naming it, or merge anyway
     storage: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)  # fsspec storage options (endpoint_url, key, secret, client_kwargs, ...) over the environment's (AWS_*, FSSPEC_S3_*); never dumped, hashed or logged
 
@@ -143,6 +145,14 @@ class MergeConfig(_Frozen):
         return value
 
     @model_validator(mode="after")
+    def _budget_above_reserve(self):
+        budget, reserve = parse_bytes(self.memory_budget), parse_bytes(self.process_reserve)
+        if budget <= reserve:
+            raise ValueError(f"memory_budget ({self.memory_budget}) must exceed process_reserve ({self.process_reserve}), "
+                             "the memory a worker process holds before any tensor; raise memory_budget")
+        return self
+
+    @model_validator(mode="after")
     def _twin_parameters(self):
         p = self.parameters
         given = [k for k in TWIN_KEYS if getattr(p, k) is not None]
@@ -175,6 +185,15 @@ class MergeConfig(_Frozen):
     @property
     def memory_budget_bytes(self) -> int:
         return parse_bytes(self.memory_budget)
+
+    @property
+    def process_reserve_bytes(self) -> int:
+        return parse_bytes(self.process_reserve)
+
+    @property
+    def chunk_budget_bytes(self) -> int:
+        """What a task's tensor chunks may hold at once: the budget less the process's own memory."""
+        return self.memory_budget_bytes - self.process_reserve_bytes
 
     def input_urls(self) -> list[str]:
         """Every model read, base first (when the method uses one), then the listed models in order."""

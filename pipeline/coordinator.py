@@ -7,7 +7,6 @@ import datetime
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -23,11 +22,10 @@ from pipeline.config import MergeConfig
 from pipeline.global_trim import compute_global_trim, with_global_rules
 from pipeline.planner import SIDE_FILES, ShardPlan, build_plan
 from pipeline.resume import prepare_output
-from workers.methods import bytes_per_element
 from workers.ray_tasks import submit
 from workers.selection import TrimRule
 from workers.shard_task import ShardResult, ShardSpec
-from workers.tensor_io import itemsize, join_url, open_fs
+from workers.tensor_io import join_url, open_fs
 
 LOG = logging.getLogger(__name__)
 STAGES = ("read", "convert", "kernel", "write")
@@ -56,19 +54,9 @@ def connect_ray(address: str | None = None) -> None:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
 
 
-def shard_memory(spec: ShardSpec) -> int:
-    """The most bytes one chunk of this shard holds at once (what the task asks Ray for)."""
-    peak = 0
-    for t in spec.tensors:
-        per_element = bytes_per_element(len(t.inputs), max(itemsize(i.dtype) for i in t.inputs), itemsize(t.out_dtype))
-        peak = max(peak, per_element * t.chunk_rows * max(1, math.prod(t.shape[1:])))
-    return max(peak, 64 * 1024 * 1024)
-
-
-def run_shards(shards: tuple[ShardSpec, ...], kind: str = "merge", args: tuple = (), *, progress: bool = True,
-               memory=shard_memory) -> list:
+def run_shards(shards: tuple[ShardSpec, ...], kind: str = "merge", args: tuple = (), *, progress: bool = True) -> list:
     """Run one task of ``kind`` per shard with backpressure (ray.wait) and a progress bar; fail fast
-    on the first error. ``memory(spec)`` is the bytes each task asks Ray for. Returns the results in
+    on the first error. Each task asks Ray for its planned ``memory_bytes``. Returns the results in
     shard order."""
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) > 0
@@ -82,7 +70,7 @@ def run_shards(shards: tuple[ShardSpec, ...], kind: str = "merge", args: tuple =
         while pending or in_flight:
             while pending and len(in_flight) < max_in_flight:
                 spec = pending.pop(0)
-                ref = submit(kind, spec, *args, use_gpu=use_gpu, memory_bytes=memory(spec))
+                ref = submit(kind, spec, *args, use_gpu=use_gpu, memory_bytes=spec.memory_bytes)
                 in_flight[ref] = spec
             done, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in done:
@@ -182,7 +170,8 @@ def commit_manifest(plan: ShardPlan, config: MergeConfig, rows: list[dict], file
         bytes_read=sum(r.bytes_read for r in results),
         timings={**timings, "stages": stage_sums,
                  "shards": [{"index": r.index, "seconds": round(r.timings.get("total", 0.0), 4), "device": r.device,
-                             "peak_rss_anon": getattr(r, "peak_rss_anon", None)} for r in results]},
+                             "planned_bytes": r.planned_bytes, "peak_rss_anon": r.peak_rss_anon,
+                             "start_rss_anon": r.start_rss_anon} for r in results]},
         extra={"ignored_tensors": list(plan.ignored_tensors), **(extra or {})},
     )
     write_manifest(plan.output_url, manifest, parquet, storage_options=storage_options)

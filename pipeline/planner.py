@@ -183,7 +183,7 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
         inputs, reference = experts, experts[urls.index(config.base_model) if config.base_model in urls else 0]
         summaries = [_summarize("model", e) for e in experts]
     excluded = [re.compile(p) for p in config.exclude]
-    budget = config.memory_budget_bytes
+    budget = config.chunk_budget_bytes
     tied = tied_copies(reference, _model_config(reference.url, opts))
 
     tasks: list[TensorTask] = []
@@ -214,7 +214,8 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
     groups = shard_groups(sizes, n_shards)
     specs = tuple(
         ShardSpec(i, f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", output, tuple(tasks[j] for j in group), method,
-                  opts, nan_policy=config.nan_policy)
+                  opts, nan_policy=config.nan_policy,
+                  memory_bytes=config.process_reserve_bytes + chunk_memory([tasks[j] for j in group]))
         for i, group in enumerate(groups)
     )
     plan_hash = hashlib.sha256(json.dumps(
@@ -222,6 +223,15 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
          "shards": [[asdict(t) for t in s.tensors] for s in specs]},
         sort_keys=True, default=str).encode()).hexdigest()
     return ShardPlan(config.config_hash(), plan_hash, method, output, specs, tuple(summaries), reference.url, tuple(ignored))
+
+
+def chunk_memory(tasks: list[TensorTask]) -> int:
+    """The most bytes one chunk of these tensors holds at once (a task's data working set)."""
+    peak = 0
+    for t in tasks:
+        per_element = bytes_per_element(len(t.inputs), max(itemsize(i.dtype) for i in t.inputs), itemsize(t.out_dtype))
+        peak = max(peak, per_element * t.chunk_rows * max(1, math.prod(t.shape[1:])))
+    return peak
 
 
 def _shard_count(shards, total_bytes: int, n_tensors: int) -> int:

@@ -128,9 +128,10 @@ def build_twin_plan(config: MergeConfig, *, output_url: str | None = None,
     if config.merge_method != "twin":
         raise ConfigError(f"merge_method is {config.merge_method}; build_twin_plan plans merge_method: twin")
     plan = build_plan(config, output_url=output_url, storage_options=storage_options)  # the shared merge's plan
-    budget = config.memory_budget_bytes
+    budget = config.chunk_budget_bytes
     shards = tuple(dataclasses.replace(spec, file_name=f"{SHARED_DIR}/{spec.file_name}",
-                                       tensors=tuple(_twin_chunks(t, budget) for t in spec.tensors))
+                                       tensors=tuple(_twin_chunks(t, budget, config.process_reserve_bytes)
+                                                     for t in spec.tensors))
                    for spec in plan.shards)
     p = config.parameters
     rules = {"rank": p.rank, "rank_ratio": p.rank_ratio, "energy": p.energy}
@@ -138,15 +139,18 @@ def build_twin_plan(config: MergeConfig, *, output_url: str | None = None,
         rules["rank_ratio"] = TWIN_DEFAULT_RANK_RATIO
     urls = tuple(m.model for m in config.models)
     options = TwinOptions(experts=expert_names(list(urls)), n_shards=len(shards), svd=p.svd or "auto",
-                          memory_budget=budget, **rules)
+                          chunk_budget=budget, **rules)
+    shards = tuple(dataclasses.replace(s, memory_bytes=config.process_reserve_bytes + twin_shard_memory(s, options))
+                   for s in shards)
     plan_hash = hashlib.sha256(json.dumps(
         {"shared_plan": plan.plan_hash, "options": dataclasses.asdict(options),
          "chunks": [[t.chunk_rows for t in s.tensors] for s in shards]}, sort_keys=True).encode()).hexdigest()
     return TwinPlan(dataclasses.replace(plan, shards=shards, plan_hash=plan_hash), options, urls)
 
 
-def _twin_chunks(task, budget: int):
-    """The task with row chunks that fit next to the whole matrix a 2-D tensor's SVD holds."""
+def _twin_chunks(task, budget: int, reserve: int):
+    """The task with row chunks that fit ``budget`` (memory_budget less ``reserve``, the process's
+    own) next to the whole matrix a 2-D tensor's SVD holds."""
     if task.action != "merge":
         return task
     held = held_matrix_bytes(task.shape)
@@ -156,8 +160,8 @@ def _twin_chunks(task, budget: int):
         raise ConfigError(
             f"tensor {task.name!r} ({m}×{n}) needs {_size(held + row_bytes)} to factorize in one piece "
             f"(θ*, v_t and the SVD workspace: {TWIN_MATRIX_COPIES} float32 copies of the matrix plus min(m, n)²), "
-            f"but memory_budget is {_size(budget)}; raise memory_budget to at least {held + row_bytes} "
-            "(bytes), or exclude the tensor (it is then copied from the base, without factors)"
+            f"but memory_budget less process_reserve leaves {_size(budget)}; raise memory_budget to at least "
+            f"{held + row_bytes + reserve} (bytes), or exclude the tensor (it is then copied from the base, without factors)"
         )
     chunk_rows = max(1, min(rows_of(task.shape), (budget - held) // row_bytes))
     return dataclasses.replace(task, chunk_rows=chunk_rows)
@@ -186,8 +190,7 @@ def run_twin(config: MergeConfig, *, output_url: str | None = None, address: str
              len(plan.tensors), len(plan.shards), len(twin.options.experts), plan.input_bytes / 1e9)
     t1 = time.perf_counter()
     shards, extra, trim_timings = global_trim_shards(plan, progress=progress, storage_options=opts)
-    results = run_shards(shards, "twin", (twin.options,), progress=progress,
-                         memory=lambda spec: twin_shard_memory(spec, twin.options))
+    results = run_shards(shards, "twin", (twin.options,), progress=progress)
     timings = {"plan": round(t_plan, 4), **trim_timings, "run": round(time.perf_counter() - t1, 4)}
     manifest = publish_twin(twin, results, config, timings, storage_options=opts, extra=extra)
     markers.clear_state(plan.output_url, storage_options=opts)

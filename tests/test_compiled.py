@@ -40,3 +40,25 @@ def test_task_arithmetic_and_histograms_compiled_equal_eager(chunk):
     assert torch.equal(eager, fused)
     eager, fused = _both(selection.high_bucket_ids, base, experts, numel=experts.numel())
     assert torch.equal(eager, fused)
+
+
+def test_tie_block_counts_compiled_equal_eager_and_the_mask(chunk):
+    base, experts = chunk
+    thr = torch.tensor([0.0, 0.0039, 0.0])  # a zero |τ| is tied at threshold 0: many ties in every block
+    eager, fused = _both(ties.tied_block_counts, base, experts, thr, numel=experts.numel())
+    assert torch.equal(eager, fused)
+    mask = ties.tied_mask(base, experts, thr)
+    whole = mask.shape[1] // ties.TIE_BLOCK * ties.TIE_BLOCK
+    assert torch.equal(fused[:, :-1], mask[:, :whole].reshape(3, -1, ties.TIE_BLOCK).sum(2))
+    assert torch.equal(fused[:, -1], mask[:, whole:].sum(1))
+
+
+def test_run_into_writes_the_kernel_result_into_a_reused_buffer(chunk):
+    base, experts = chunk
+    eager = selection.low_bucket_ids(base, experts, torch.tensor([15300, 15310, 15320], dtype=torch.int32))
+    buffer = torch.full((experts.numel() + 7,), -5, dtype=torch.int32)
+    out = compiled.run_into(selection.low_bucket_ids, buffer[: experts.numel()].view(experts.shape), base, experts,
+                            torch.tensor([15300, 15310, 15320], dtype=torch.int32), numel=experts.numel())
+    assert out.data_ptr() == buffer.data_ptr()
+    assert torch.equal(out, eager)
+    assert torch.equal(buffer[experts.numel():], torch.full((7,), -5, dtype=torch.int32))

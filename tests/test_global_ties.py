@@ -53,7 +53,7 @@ def _run(base_dir, expert_dirs, out, density, shards, **params):
     config = load_config({
         "merge_method": "ties", "base_model": str(base_dir), "output": str(out), "shards": shards, "dtype": "float32",
         "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": density}} for e in expert_dirs],
-        "parameters": {"trim_scope": "global", "lambda": 1.3, **params}, **({"memory_budget": 1500} if shards == 7 else {}),
+        "parameters": {"trim_scope": "global", "lambda": 1.3, **params}, **({"memory_budget": 1500, "process_reserve": 0} if shards == 7 else {}),
     })
     return run_merge(config, progress=False)
 

@@ -266,7 +266,7 @@ def test_ties_tie_break_at_threshold(tmp_path, budget):
     base_dir, expert_dirs = write_inputs(tmp_path, base, [expert])
     # n_keep = int(0.3 * 30) = 9: the two large values and the first 7 tied ones in flat order
     merged, plan = run_pipeline(make_config("ties", base_dir, expert_dirs, tmp_path / "out", densities=[0.3],
-                                            dtype="float32", memory_budget=budget))
+                                            dtype="float32", memory_budget=budget, process_reserve=0))
     assert (plan.tensors[0].chunk_rows == 1) == (budget == 300)
     expected = torch.zeros(30)
     flat = tau.reshape(-1)
@@ -293,7 +293,7 @@ def test_ties_zero_vote(tmp_path, zero_sign, chunked):
     base_dir, expert_dirs = write_inputs(tmp_path, base, experts)
     budget = 2000 if chunked else 10**9
     merged, plan = run_pipeline(make_config("ties", base_dir, expert_dirs, tmp_path / "out", densities=[1.0] * 3,
-                                            dtype="float32", memory_budget=budget,
+                                            dtype="float32", memory_budget=budget, process_reserve=0,
                                             parameters={"zero_sign": zero_sign}))
     assert (plan.tensors[0].chunk_rows < rows) == chunked
     # Σγ over the tensor is negative (7 rows of −1, one row of 0): majority is −1
@@ -354,7 +354,7 @@ def test_chunked_run_gives_identical_bytes(tmp_path, method, zero_sign):
     for label, budget in (("whole", 10**9), ("chunked", 2000)):
         cfg = make_config(method, base_dir, expert_dirs, tmp_path / label, weights=[1.0, 0.5, 2.0],
                           densities=[0.3, 0.55, 0.8] if method == "ties" else None, dtype="float32",
-                          memory_budget=budget, shards=2,
+                          memory_budget=budget, process_reserve=0, shards=2,
                           parameters={"zero_sign": zero_sign} if method == "ties" else {})
         merged, plan = run_pipeline(cfg)
         if method == "ties":
@@ -555,7 +555,7 @@ def _many_expert_runs(root: Path, method: str, budgets: dict[str, int]):
     runs = {}
     for label, budget in budgets.items():
         cfg = make_config(method, base_dir, expert_dirs, root / label, weights=weights,
-                          densities=densities if method == "ties" else None, dtype="float32", memory_budget=budget)
+                          densities=densities if method == "ties" else None, dtype="float32", memory_budget=budget, process_reserve=0)
         merged, plan = run_pipeline(cfg)
         files = {s.file_name: (Path(plan.output_url) / s.file_name).read_bytes() for s in plan.shards}
         runs[label] = (merged, plan, files)

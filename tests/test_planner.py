@@ -154,14 +154,14 @@ def test_memory_budget_chunks_big_tensors(tmp_path):
     base_dir, expert_dirs = _models(tmp_path)
     roomy = build_plan(_config(base_dir, expert_dirs, tmp_path / "out"))
     assert all(t.chunk_rows == rows_of(t.shape) for t in roomy.tensors)
-    tight = build_plan(_config(base_dir, expert_dirs, tmp_path / "out", memory_budget=2000))
+    tight = build_plan(_config(base_dir, expert_dirs, tmp_path / "out", memory_budget=2000, process_reserve=0))
     by_name = {t.name: t for t in tight.tensors}
     for name in ("model.layers.2.w", "model.layers.10.w", "model.embed.weight"):
         assert 1 <= by_name[name].chunk_rows < rows_of(by_name[name].shape), name
     assert all(t.chunk_rows >= 1 for t in tight.tensors)
     assert tight.plan_hash != roomy.plan_hash
     # a string budget is parsed
-    parsed = build_plan(_config(base_dir, expert_dirs, tmp_path / "out", memory_budget="2kB"))
+    parsed = build_plan(_config(base_dir, expert_dirs, tmp_path / "out", memory_budget="2kB", process_reserve=0))
     assert [t.chunk_rows for t in parsed.tensors] == [t.chunk_rows for t in tight.tensors]
 
 
@@ -224,3 +224,15 @@ def test_shard_count_from_bytes_and_default(tmp_path):
     assert len(many.shards) == n_tensors
     for plan in (default, by_bytes, one, many):  # every tensor planned exactly once, in name order
         assert [t.name for t in plan.tensors] == [t.name for t in default.tensors]
+
+
+def test_memory_budget_holds_the_process_reserve_and_the_chunks(tmp_path):
+    """memory_budget bounds the whole task: the worker's own process_reserve plus its largest chunk."""
+    base_dir, expert_dirs = _models(tmp_path)
+    plan = build_plan(_config(base_dir, expert_dirs, tmp_path / "out", memory_budget=3000, process_reserve=1000))
+    same_chunks = build_plan(_config(base_dir, expert_dirs, tmp_path / "out", memory_budget=2000, process_reserve=0))
+    assert [t.chunk_rows for t in plan.tensors] == [t.chunk_rows for t in same_chunks.tensors]
+    for spec, bare in zip(plan.shards, same_chunks.shards):
+        assert spec.memory_bytes == bare.memory_bytes + 1000 <= 3000
+    with pytest.raises(ConfigError, match=r"memory_budget \(400MB\) must exceed process_reserve \(512MiB\)"):
+        _config(base_dir, expert_dirs, tmp_path / "out", memory_budget="400MB")

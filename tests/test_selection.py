@@ -175,7 +175,7 @@ def implementation_rule(tau: torch.Tensor, density: float, row_chunks: list[tupl
 
 
 def trim_chunk(chunk: torch.Tensor, rule: TrimRule, ties_before: int) -> tuple[torch.Tensor, int]:
-    """One row chunk trimmed by the TIES kernel (``tied_mask`` + ``tie_cut`` + ``trimmed_weighted`` with
+    """One row chunk trimmed by the TIES kernel (``tied_block_counts`` + ``tie_cut`` + ``trimmed_weighted`` with
     weight 1 over a zero base); returns it and the threshold ties it held."""
     flat = chunk.reshape(1, -1)
     base = torch.zeros(flat.shape[1])
@@ -183,7 +183,10 @@ def trim_chunk(chunk: torch.Tensor, rule: TrimRule, ties_before: int) -> tuple[t
     if rule.tie_quota is None:
         cut, n_tied = ties.ALL_TIES, 0
     else:
-        cut, n_tied = ties.tie_cut(ties.tied_mask(base, flat, thr)[0], rule, ties_before)
+        mask = ties.tied_mask(base, flat, thr)[0]
+        counts = ties.tied_block_counts(base, flat, thr)[0]
+        cut, n_tied = ties.tie_cut(counts, rule, ties_before,
+                                   lambda b: mask[b * ties.TIE_BLOCK:(b + 1) * ties.TIE_BLOCK])
     (out,) = ties.trimmed_weighted(base, flat, thr, torch.tensor([cut]), torch.tensor([1.0]))
     return out.reshape(chunk.shape), n_tied
 

@@ -58,7 +58,7 @@ def llama(tmp_path_factory):
     base, experts = build_sample_models(root / "models", n_experts=3, dtype=torch.float32)
     outs = {name: root / name for name in ("many", "chunked", "plain", "default")}
     run_merge(_twin_config(base, experts, outs["many"], FULL_RANK, shards=3), progress=False)
-    chunked = _twin_config(base, experts, outs["chunked"], FULL_RANK, shards=1, memory_budget=1_000_000)
+    chunked = _twin_config(base, experts, outs["chunked"], FULL_RANK, shards=1, memory_budget=1_000_000, process_reserve=0)
     assert any(s["chunked"] for s in build_twin_plan(chunked).summary()["shards"])  # matrices arrive in row chunks
     run_merge(chunked, progress=False)
     run_merge(load_config({"merge_method": "task_arithmetic", "base_model": str(base), "output": str(outs["plain"]),
@@ -209,7 +209,7 @@ def test_twin_config_and_memory_errors(tmp_path, llama):
         load_config({"merge_method": "twin", **models, "parameters": {"shared": {"parameters": {"bogus": 1}}}})
     ties = load_config({"merge_method": "twin", **models, "parameters": {"shared": {"merge_method": "ties"}, "rank": 8}})
     assert ties.parameters.shared.merge_method == "ties"
-    too_small = _twin_config(llama.base, llama.experts, tmp_path / "out", memory_budget=200_000)
+    too_small = _twin_config(llama.base, llama.experts, tmp_path / "out", memory_budget=200_000, process_reserve=0)
     with pytest.raises(ConfigError, match=r"lm_head.weight.*512×64.*raise memory_budget to at least \d+"):
         build_twin_plan(too_small)
     assert main(["plan", "--json", str(_write_yaml(tmp_path, too_small.model_copy(update={"memory_budget": "64MB"})))]) == 0
@@ -262,7 +262,7 @@ def minilm(tmp_path_factory):
     out = root / "out"
     # 300 MB: the 30522×384 embedding's SVD (~284 MB) fits, its merge runs in row chunks
     manifest = run_merge(load_config({"merge_method": "twin", "base_model": str(base), "output": str(out), "shards": 2,
-                                      "memory_budget": "300MB", "models": [{"model": str(e)} for e in experts]}),
+                                      "memory_budget": "300MB", "process_reserve": 0, "models": [{"model": str(e)} for e in experts]}),
                          progress=False)
     return SimpleNamespace(base=base, out=out, manifest=manifest, root=root)
 

@@ -20,11 +20,12 @@ def rss_anon_bytes() -> int | None:
 
 
 class PeakAnonMemory:
-    """Samples RssAnon every ``interval`` seconds while open; ``peak`` holds the largest value."""
+    """Samples RssAnon every ``interval`` seconds while open; ``start`` holds the value on entry
+    (the process before the task's data), ``peak`` the largest value."""
 
     def __init__(self, interval: float = 0.02):
         self.interval = interval
-        self.peak = rss_anon_bytes()
+        self.start = self.peak = rss_anon_bytes()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from workers import compiled, linear, selection, ties
+from workers.buffers import Buffers
 from workers.memory import PeakAnonMemory
 from workers.methods import MethodOptions
 from workers.selection import TrimRule
@@ -51,6 +52,7 @@ class ShardSpec:
     trim_rules: tuple[TrimRule, ...] | None = None  # global TIES: one rule per expert for the whole model
     zero_sign: float | None = None  # global TIES: the model-wide majority sign for γ = 0
     nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in an input: raise, or merge anyway
+    memory_bytes: int = 0  # planned anonymous memory of the task's process (asked of Ray): reserve + largest chunk
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class ShardResult:
     timings: dict[str, float]
     device: str
     peak_rss_anon: int | None = None  # bytes of anonymous memory of the task's process at its peak
+    start_rss_anon: int | None = None  # ... when the task started (the worker process itself)
+    planned_bytes: int = 0  # the spec's memory_bytes, which peak_rss_anon should stay under
 
 
 def pick_device() -> torch.device:
@@ -99,18 +103,9 @@ class _ChunkReader:
 
     def __init__(self, reader: RangeReader, device: torch.device, timer: _Timer):
         self.reader, self.device, self.timer = reader, device, timer
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self.buffers = Buffers(pin_host=device.type == "cuda")  # the reads' buffers and the kernels' outputs
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._pending: dict[tuple, Future] = {}
-
-    def _buffer(self, slot: tuple, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-        key = (slot, dtype, device.type)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < math.prod(shape):
-            buf = torch.empty(math.prod(shape), dtype=dtype, device=device,
-                              pin_memory=device.type == "cpu" and self.device.type == "cuda")
-            self._buffers[key] = buf
-        return buf[: math.prod(shape)].view(shape)
 
     def raw(self, info: TensorInfo, rows: tuple[int, int]) -> torch.Tensor:
         """One input's rows, flat, in its stored dtype (a fresh tensor, on the CPU)."""
@@ -120,7 +115,7 @@ class _ChunkReader:
     def _read_host(self, infos: tuple[TensorInfo, ...], rows: tuple[int, int], slot: tuple) -> torch.Tensor:
         dtypes = {DTYPES[i.dtype] for i in infos}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-        host = self._buffer(slot, (len(infos), _chunk_numel(infos[0], rows)), dtype, torch.device("cpu"))
+        host = self.buffers.get(slot, (len(infos), _chunk_numel(infos[0], rows)), dtype, torch.device("cpu"))
         for row, info in zip(host, infos):
             if DTYPES[info.dtype] == dtype:
                 with self.timer.track("read"):
@@ -144,7 +139,7 @@ class _ChunkReader:
         if self.device.type == "cpu":
             return host
         with self.timer.track("convert"):
-            return self._buffer(slot, host.shape, host.dtype, self.device).copy_(host, non_blocking=True)
+            return self.buffers.get(slot, host.shape, host.dtype, self.device).copy_(host, non_blocking=True)
 
     def close(self) -> None:
         self._background.shutdown(wait=True)
@@ -228,11 +223,12 @@ def _histograms(inputs: _MergeInputs, buckets: torch.Tensor | None, timer: _Time
     for rows in inputs.ranges:
         base, experts = inputs.load(rows)
         with timer.track("kernel"):
+            ids = inputs.chunks.buffers.get(("ids",), experts.shape, torch.int32, experts.device)
             if buckets is None:
-                ids = compiled.run(selection.high_bucket_ids, base, experts, numel=experts.numel())
+                compiled.run_into(selection.high_bucket_ids, ids, base, experts, numel=experts.numel())
                 counts = selection.count_ids(ids, selection.HIGH_BUCKETS)
             else:
-                ids = compiled.run(selection.low_bucket_ids, base, experts, buckets, numel=experts.numel())
+                compiled.run_into(selection.low_bucket_ids, ids, base, experts, buckets, numel=experts.numel())
                 counts = selection.count_ids(ids, selection.LOW_BUCKETS + 1)[:, : selection.LOW_BUCKETS]
             total = counts if total is None else total + counts
     return total
@@ -269,10 +265,14 @@ class _TrimCuts:
     def for_chunk(self, base, experts) -> torch.Tensor:
         cuts = [ties.ALL_TIES] * len(self.rules)
         if any(self._quota):
-            tied = compiled.run(ties.tied_mask, base, experts, self.thr, numel=experts.numel())
+            counts = compiled.run(ties.tied_block_counts, base, experts, self.thr, numel=experts.numel())
             for t, rule in enumerate(self.rules):
                 if self._quota[t]:
-                    cuts[t], n_tied = ties.tie_cut(tied[t], rule, self._ties_before[t])
+                    def block_mask(block: int, t=t) -> torch.Tensor:
+                        span = slice(block * ties.TIE_BLOCK, (block + 1) * ties.TIE_BLOCK)
+                        return ties.tied_mask(base[span], experts[t:t + 1, span], self.thr[t:t + 1])[0]
+
+                    cuts[t], n_tied = ties.tie_cut(counts[t], rule, self._ties_before[t], block_mask)
                     self._ties_before[t] += n_tied
         return torch.tensor(cuts, dtype=torch.int64, device=self.device)
 
@@ -301,10 +301,16 @@ def _merge_ties(inputs: _MergeInputs, spec: ShardSpec, out_dtype: torch.dtype, t
     for rows in inputs.ranges:
         base, experts = inputs.load(rows)
         with timer.track("kernel"):
-            out = compiled.run(ties.ties_merge, base, experts, cuts.thr, cuts.for_chunk(base, experts), weights,
-                               lam, zero, sign_by_count=sign_by_count, normalize=method.normalize,
-                               out_dtype=out_dtype, numel=experts.numel())
+            out = compiled.run_into(ties.ties_merge, _merged_buffer(inputs.chunks, experts, out_dtype), base, experts,
+                                    cuts.thr, cuts.for_chunk(base, experts), weights, lam, zero,
+                                    sign_by_count=sign_by_count, normalize=method.normalize, out_dtype=out_dtype,
+                                    numel=experts.numel())
         yield rows, out
+
+
+def _merged_buffer(chunks: _ChunkReader, experts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Where a merged chunk is written: reused, so valid only until the next chunk is merged."""
+    return chunks.buffers.get(("merged",), experts.shape[1:], out_dtype, experts.device)
 
 
 def merge_inputs(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, parity: int = 0) -> _MergeInputs:
@@ -314,7 +320,8 @@ def merge_inputs(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, parity
 
 def _merge_chunks(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, out_dtype: torch.dtype = torch.float32,
                   inputs: _MergeInputs | None = None):
-    """Yield (rows, merged flat chunk in ``out_dtype``) for one merged tensor."""
+    """Yield (rows, merged flat chunk in ``out_dtype``) for one merged tensor; a chunk's tensor is
+    reused for the next chunk, so consume it (write or copy it) before asking for the next."""
     method, device = spec.method, chunks.device
     inputs = inputs or merge_inputs(chunks, task, spec)
     if method.method == "ties":
@@ -325,12 +332,13 @@ def _merge_chunks(chunks: _ChunkReader, task: TensorTask, spec: ShardSpec, out_d
     for rows in inputs.ranges:
         base, experts = inputs.load(rows)
         with chunks.timer.track("kernel"):
+            out = _merged_buffer(chunks, experts, out_dtype)
             if method.method == "linear":
-                out = compiled.run(linear.linear_merge, experts, weights, divisor, out_dtype=out_dtype,
-                                   numel=experts.numel())
+                compiled.run_into(linear.linear_merge, out, experts, weights, divisor, out_dtype=out_dtype,
+                                  numel=experts.numel())
             else:
-                out = compiled.run(linear.task_arithmetic_merge, base, experts, weights, _scalar(method.lam, device),
-                                   divisor, out_dtype=out_dtype, numel=experts.numel())
+                compiled.run_into(linear.task_arithmetic_merge, out, base, experts, weights,
+                                  _scalar(method.lam, device), divisor, out_dtype=out_dtype, numel=experts.numel())
         yield rows, out
 
 
@@ -448,4 +456,4 @@ def run_shard(spec: ShardSpec) -> ShardResult:
     LOG.info("shard %d: %d tensors, %.1f MB read in %.2fs", spec.index, len(spec.tensors), reader.bytes_read / 1e6,
              timer.seconds["total"])
     return ShardResult(spec.index, spec.file_name, file_sha, writer.bytes_written, tuple(writer.results),
-                       reader.bytes_read, dict(timer.seconds), str(device), memory.peak)
+                       reader.bytes_read, dict(timer.seconds), str(device), memory.peak, memory.start, spec.memory_bytes)

@@ -74,35 +74,34 @@ def tied_mask(base, experts, thr):
     return (experts.float() - base.float()).abs() == thr.view(-1, 1)
 
 
-def tie_cut(tied: torch.Tensor, rule: TrimRule, ties_before: int) -> tuple[int, int]:
-    """The ``cut`` index for one expert's chunk (``tied``: its flat |τ| == threshold mask) and the
-    number of threshold ties in it. A tie quota keeps the first ``tie_quota - ties_before`` ties
-    of this chunk in index order."""
-    block_counts = _block_counts(tied)
+TIE_BLOCK = 4096  # elements per block of the tie counts: a quota's cut is then found inside one block
+
+
+def tied_block_counts(base, experts, thr):
+    """[T, ⌊N / TIE_BLOCK⌋ + 1] int64: per expert, the threshold ties (``tied_mask``) in each block
+    of TIE_BLOCK elements, the last entry counting the short tail (often 0). One fused reduction:
+    the [T, N] mask itself is never stored."""
+    tied = tied_mask(base, experts, thr)
+    whole = tied.shape[1] // TIE_BLOCK * TIE_BLOCK
+    blocks = tied[:, :whole].reshape(tied.shape[0], -1, TIE_BLOCK).sum(2)
+    return torch.cat([blocks, tied[:, whole:].sum(1, keepdim=True)], 1)
+
+
+def tie_cut(block_counts: torch.Tensor, rule: TrimRule, ties_before: int, block_mask) -> tuple[int, int]:
+    """The ``cut`` index for one expert's chunk and the number of threshold ties in it.
+
+    ``block_counts`` is that expert's row of ``tied_block_counts``; ``block_mask(b)`` gives the
+    tie mask of block b. A tie quota keeps the first ``tie_quota - ties_before`` ties of this
+    chunk in index order."""
     n_tied = int(block_counts.sum())
     remaining = rule.tie_quota - ties_before
     if remaining <= 0:
         return -1, n_tied
     if remaining >= n_tied:
         return ALL_TIES, n_tied
-    return _nth_true(tied, block_counts, remaining), n_tied
-
-
-_BLOCK = 4096
-
-
-def _block_counts(mask: torch.Tensor) -> torch.Tensor:
-    """True-counts of ``mask`` per block of _BLOCK elements (the last block may be short)."""
-    flat = mask.reshape(-1).view(torch.uint8)
-    whole = flat.numel() // _BLOCK * _BLOCK
-    counts = flat[:whole].view(-1, _BLOCK).sum(1, dtype=torch.int64)
-    return torch.cat([counts, flat[whole:].sum(dtype=torch.int64).view(1)])
-
-
-def _nth_true(mask: torch.Tensor, block_counts: torch.Tensor, n: int) -> int:
-    """Flat index of the n-th (1-based) True of ``mask``, looking inside one block only."""
     cumulative = block_counts.cumsum(0)
-    block = int(torch.searchsorted(cumulative, torch.tensor(n, dtype=cumulative.dtype, device=cumulative.device)))
+    block = int(torch.searchsorted(cumulative, torch.tensor(remaining, dtype=cumulative.dtype,
+                                                            device=cumulative.device)))
     before = int(cumulative[block - 1]) if block else 0
-    inside = mask.reshape(-1)[block * _BLOCK:(block + 1) * _BLOCK].nonzero()
-    return block * _BLOCK + int(inside[n - before - 1, 0])
+    inside = block_mask(block).nonzero()
+    return block * TIE_BLOCK + int(inside[remaining - before - 1, 0]), n_tied

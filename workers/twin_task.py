@@ -66,7 +66,7 @@ class TwinOptions:
     rank_ratio: float | None
     energy: float | None
     svd: str  # auto | exact | randomized
-    memory_budget: int  # bytes; decides whether the merge's reads of the experts are kept for v_t
+    chunk_budget: int  # bytes for tensors (memory_budget less process_reserve); decides whether the merge's reads of the experts are kept for v_t
 
     def factor_file(self, expert: str, shard_index: int) -> str:
         """Path of an expert's factor file for one shard, relative to the output root."""
@@ -110,7 +110,8 @@ class TwinShardResult:
     timings: dict[str, float]
     device: str
     peak_rss_anon: int | None = None  # bytes of anonymous memory of the task's process at its peak
-    planned_bytes: int = 0  # what the task asked Ray for (twin_shard_memory)
+    planned_bytes: int = 0  # the spec's memory_bytes, which peak_rss_anon should stay under
+    start_rss_anon: int | None = None  # anonymous memory of the process when the task started
 
 
 def expert_infos(task: TensorTask, uses_base: bool) -> tuple[TensorInfo, ...]:
@@ -134,25 +135,25 @@ def stream_bytes_per_element(task: TensorTask) -> int:
     return bytes_per_element(len(task.inputs), in_size, out_size) + 4 + in_size + 4 + 4 + out_size
 
 
-def tensor_memory(task: TensorTask, uses_base: bool, memory_budget: int) -> tuple[int, bool]:
+def tensor_memory(task: TensorTask, uses_base: bool, chunk_budget: int) -> tuple[int, bool]:
     """(peak bytes, keep_reads) of one merged tensor in a twin task. ``keep_reads``: the experts' raw
-    reads made by the merge are kept and reused for v_t, because that still fits ``memory_budget``."""
+    reads made by the merge are kept and reused for v_t, because that still fits ``chunk_budget``."""
     chunk = stream_bytes_per_element(task) * task.chunk_rows * max(1, math.prod(task.shape[1:]))
     peak = held_matrix_bytes(task.shape) + chunk
     kept = sum(i.nbytes for i in expert_infos(task, uses_base))
-    keep_reads = peak + kept <= memory_budget
+    keep_reads = peak + kept <= chunk_budget
     return peak + (kept if keep_reads else 0), keep_reads
 
 
 def twin_shard_memory(spec: ShardSpec, options: TwinOptions) -> int:
-    """The most bytes one twin shard task holds at once (what it asks Ray for)."""
+    """The most bytes of tensors one twin shard task holds at once (its process's own memory aside)."""
     peak = 0
     for task in spec.tensors:
         if task.action == "merge":
-            peak = max(peak, tensor_memory(task, spec.method.uses_base, options.memory_budget)[0])
+            peak = max(peak, tensor_memory(task, spec.method.uses_base, options.chunk_budget)[0])
         else:
             peak = max(peak, itemsize(task.inputs[0].dtype) * task.chunk_rows * max(1, math.prod(task.shape[1:])) * 2)
-    return max(peak, 64 * 1024 * 1024)
+    return peak
 
 
 def expert_names(urls: list[str]) -> tuple[str, ...]:
@@ -327,7 +328,7 @@ def run_twin_shard(spec: ShardSpec, options: TwinOptions) -> TwinShardResult:
                 infos = expert_infos(task, uses_base)
                 if len(infos) != len(options.experts):
                     raise RuntimeError(f"tensor {task.name!r}: {len(infos)} expert inputs for {len(options.experts)} experts")
-                reader.keep(infos if tensor_memory(task, uses_base, options.memory_budget)[1] else ())
+                reader.keep(infos if tensor_memory(task, uses_base, options.chunk_budget)[1] else ())
                 body = _twin_matrix if len(task.shape) == 2 else _twin_dense
                 records += body(chunks, task, spec, options, writer, files, infos)
                 reader.keep(())
@@ -345,8 +346,9 @@ def run_twin_shard(spec: ShardSpec, options: TwinOptions) -> TwinShardResult:
              len(spec.tensors), len(options.experts), reader.bytes_read / 1e6, timer.seconds["total"],
              timer.seconds.get("svd", 0.0))
     shared = ShardResult(spec.index, spec.file_name, shared_sha, writer.bytes_written, tuple(writer.results),
-                         reader.bytes_read, dict(timer.seconds), str(device), memory.peak)
+                         reader.bytes_read, dict(timer.seconds), str(device), memory.peak, memory.start,
+                         spec.memory_bytes)
     factor_files = tuple(FactorFileResult(e, name, sha, size, tensors)
                          for e, name, (sha, size, tensors) in zip(options.experts, names, written))
     return TwinShardResult(spec.index, shared, factor_files, tuple(records), reader.bytes_read, dict(timer.seconds),
-                           str(device), memory.peak, twin_shard_memory(spec, options))
+                           str(device), memory.peak, spec.memory_bytes, memory.start)
