@@ -25,8 +25,11 @@ Choices this module makes (SPEC "Twin-Merging", step 3):
   then provably capture at least ``energy`` of ‖v‖² (r may exceed the exact minimum by a little,
   since σ̃ ≤ σ). When the sketch would pass a quarter of min(m, n) the exact SVD is used instead.
 - **Error.** ``rel_error`` = ‖v − BA‖_F / ‖v‖_F (0 for a zero matrix). Exact: from the discarded
-  singular values (Eckart–Young). Randomized: the residual is formed in row blocks of at most
-  2²² elements, so no extra m×n buffer is allocated.
+  singular values (Eckart–Young). Randomized: BA is the orthogonal projection of v onto the span
+  of Q U_r, so ‖v − BA‖² = ‖v‖² − Σ_{i≤r} σ̃_i² (no pass over v); when that leaves less than
+  10⁻⁴ of ‖v‖², where the subtraction loses digits, the residual is formed instead, in row
+  blocks of at most 2²² elements (no extra m×n buffer). ‖v‖² is summed in float64 block by
+  block, and a non-finite sum is how NaN or Inf in v is caught.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ SvdMethod = Literal["auto", "exact", "randomized"]
 
 DEFAULT_AUTO_THRESHOLD = 256  # min(m, n) above which "auto" may pick the randomized SVD (when r is small)
 _RESIDUAL_BLOCK_ELEMENTS = 1 << 22  # elements of v − BA formed at once when measuring the error
+_NORM_BLOCK_ELEMENTS = 1 << 16  # elements of v upcast to float64 at once for ‖v‖²
+_PROJECTION_ERROR_FLOOR = 1e-4  # below this share of ‖v‖², measure the residual instead of subtracting
 
 
 @dataclass(frozen=True)
@@ -125,10 +130,9 @@ def factorize(
     min_dim = min(m, n)
     if min_dim < 1:
         raise ValueError(f"cannot factorize an empty matrix of shape {(m, n)}")
-    if not bool(torch.isfinite(v).all()):
+    norm_sq = _squared_norm(v)
+    if not math.isfinite(norm_sq):
         raise ValueError(f"matrix of shape {(m, n)} holds NaN or inf; check the expert and shared checkpoints")
-
-    norm_sq = float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2
     if norm_sq == 0.0:
         r = 1 if energy is not None else choose_rank(None, (m, n), rank=rank, rank_ratio=rank_ratio)
         return Factors(B=v.new_zeros(m, r), A=v.new_zeros(r, n), rank=r, rel_error=0.0, method="zero")
@@ -146,8 +150,7 @@ def factorize(
         return _exact(v, rank=r)
     q = min(r + oversample, min_dim)
     U, S, Vh = _randomized_svd(v, q, power_iters=power_iters, seed=seed)
-    B, A = U[:, :r] * S[:r], Vh[:r].clone()
-    return Factors(B=B, A=A, rank=r, rel_error=_relative_error(v, B, A, norm_sq), method="randomized")
+    return _randomized_factors(v, U, S, Vh, r, norm_sq)
 
 
 def compress_exclusive(
@@ -211,8 +214,7 @@ def _randomized_energy(
         U, S, Vh = _randomized_svd(v, sketch + oversample, power_iters=power_iters, seed=seed)
         r = _energy_rank(torch.cumsum(S.to(torch.float64).pow(2), 0), norm_sq, energy)
         if r is not None:
-            B, A = U[:, :r] * S[:r], Vh[:r].clone()
-            return Factors(B=B, A=A, rank=r, rel_error=_relative_error(v, B, A, norm_sq), method="randomized")
+            return _randomized_factors(v, U, S, Vh, r, norm_sq)
         sketch *= 2
     return _exact(v, energy=energy)
 
@@ -230,6 +232,27 @@ def _randomized_svd(
         Q = torch.linalg.qr(v @ Z).Q
     U_small, S, Vh = torch.linalg.svd(Q.mT @ v, full_matrices=False)
     return Q @ U_small, S, Vh
+
+
+def _randomized_factors(v, U, S, Vh, r: int, norm_sq: float) -> Factors:
+    """Factors B = U_r Σ_r, A = V_rᵀ of a randomized SVD, with their error (module docstring)."""
+    B, A = U[:, :r] * S[:r], Vh[:r].clone()
+    residual_sq = norm_sq - float(S[:r].to(torch.float64).pow(2).sum())
+    if residual_sq > _PROJECTION_ERROR_FLOOR * norm_sq:
+        rel_error = math.sqrt(residual_sq / norm_sq)
+    else:
+        rel_error = _relative_error(v, B, A, norm_sq)
+    return Factors(B=B, A=A, rank=r, rel_error=rel_error, method="randomized")
+
+
+def _squared_norm(v: torch.Tensor) -> float:
+    """‖v‖_F² summed in float64 a block at a time (inf or NaN when v holds either)."""
+    flat = v.reshape(-1)
+    total = 0.0
+    for block in flat.split(_NORM_BLOCK_ELEMENTS):
+        wide = block.to(torch.float64)
+        total += float(torch.dot(wide, wide))
+    return total
 
 
 def _relative_error(v: torch.Tensor, B: torch.Tensor, A: torch.Tensor, norm_sq: float) -> float:

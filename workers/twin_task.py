@@ -179,8 +179,9 @@ def expert_names(urls: list[str]) -> tuple[str, ...]:
 
 
 class _KeptReads:
-    """A RangeReader that keeps the row reads of chosen tensors and serves them again (as copies),
-    so the experts read by the merge are not fetched twice. ``bytes_read`` counts storage reads."""
+    """A RangeReader that keeps the row reads of chosen tensors and serves them again (the kept
+    tensor itself, which callers only read), so the experts read by the merge are not fetched
+    twice. ``bytes_read`` counts storage reads."""
 
     def __init__(self, reader: RangeReader):
         self._reader = reader
@@ -206,7 +207,7 @@ class _KeptReads:
                 self._kept[key] = data.clone()
             return data
         if out is None:
-            return kept.clone()
+            return kept
         return out.copy_(kept.view(out.shape))
 
     def close(self) -> None:
@@ -251,10 +252,12 @@ class _FactorFile:
 
 
 def _expert_rows(chunks: _ChunkReader, info: TensorInfo, rows: tuple[int, int]) -> torch.Tensor:
-    """θ_t's rows, flat float32 on the task's device."""
+    """θ_t's rows, flat on the task's device, in a dtype that subtracting float32 θ* upcasts exactly
+    (stored float16/bfloat16/float32 as is: the subtraction converts as it goes, no float32 copy)."""
     raw = chunks.raw(info, rows)
     with chunks.timer.track("convert"):
-        return raw.reshape(-1).to(chunks.device).to(torch.float32)
+        raw = raw.reshape(-1).to(chunks.device)
+        return raw if itemsize(info.dtype) <= 4 else raw.to(torch.float32)
 
 
 def _twin_matrix(chunks, task, spec, options, writer, files, infos) -> list[FactorRecord]:
@@ -262,14 +265,14 @@ def _twin_matrix(chunks, task, spec, options, writer, files, infos) -> list[Fact
     timer, device = chunks.timer, chunks.device
     m, n = task.shape
     out_dtype = DTYPES[task.out_dtype]
-    theta = torch.empty(m * n, dtype=torch.float32, device=device)
+    theta = chunks.buffers.get(("theta",), (m * n,), torch.float32, device)
     for rows, out in _merge_chunks(chunks, task, spec, out_dtype):
         out = out.reshape(-1).to(out_dtype)
         with timer.track("write"):
             writer.write(task.name, out)
         theta[rows[0] * n:rows[1] * n] = out.to(torch.float32)
     records = []
-    v = torch.empty_like(theta)
+    v = chunks.buffers.get(("exclusive",), (m * n,), torch.float32, device)
     for expert, info, file in zip(options.experts, infos, files):
         for rows in row_ranges(task):
             x = _expert_rows(chunks, info, rows)
