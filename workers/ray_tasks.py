@@ -6,6 +6,7 @@ import ray
 
 from manifests.markers import write_marker
 from workers import shard_task, twin_task
+from workers.memory import release_free_memory
 
 MAX_RETRIES = 3  # a shard is rerun elsewhere if its node dies
 
@@ -27,7 +28,10 @@ _BODIES = {
 
 @ray.remote(max_retries=MAX_RETRIES)
 def _shard_remote(kind: str, spec: shard_task.ShardSpec, *args):
-    return _BODIES[kind](spec, *args)
+    try:
+        return _BODIES[kind](spec, *args)
+    finally:
+        release_free_memory()  # Ray reuses this worker process for the next task
 
 
 def submit(kind: str, spec: shard_task.ShardSpec, *args, use_gpu: bool, memory_bytes: int) -> ray.ObjectRef:
