@@ -104,13 +104,20 @@ def run_one(name: str, base: Path, experts: list[Path], out: Path, args) -> dict
     wall = time.perf_counter() - t0
     input_bytes = sum(i["bytes"] for i in manifest.inputs)
     shutil.rmtree(out, ignore_errors=True)
-    peaks = [s.get("peak_rss_anon") or 0 for s in manifest.timings["shards"]]
-    return {"tool": "mergefleet", "method": name, "wall_s": round(wall, 3),
-            "peak_rss_anon_gb": round(max(peaks) / 1e9, 3) if any(peaks) else None, "input_gb": round(input_bytes / 1e9, 3),
+    shards = manifest.timings["shards"]
+
+    def most(key):  # the largest value over the run's tasks, in GB
+        values = [s.get(key) or 0 for s in shards]
+        return round(max(values) / 1e9, 3) if any(values) else None
+
+    return {"tool": "mergefleet", "method": name, "wall_s": round(wall, 3), "peak_rss_anon_gb": most("peak_rss_anon"),
+            "planned_gb": most("planned_bytes"), "start_rss_anon_gb": most("start_rss_anon"),
+            "tasks_over_plan": sum((s.get("peak_rss_anon") or 0) > s.get("planned_bytes", 0) for s in shards),
+            "input_gb": round(input_bytes / 1e9, 3),
             "input_gb_per_s": round(input_bytes / 1e9 / wall, 3),
             "bytes_read_gb": round((manifest.bytes_read + manifest.extra.get("global_trim", {}).get("scan_bytes_read", 0)) / 1e9, 3),
             "stages_s": manifest.timings["stages"], "global_trim_s": manifest.timings.get("global_trim"),
-            "shards": len(manifest.timings["shards"])}
+            "shards": len(shards)}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
