@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import safetensors.torch
@@ -189,18 +190,21 @@ def run_twin(config: MergeConfig, *, output_url: str | None = None, address: str
     LOG.info("twin plan %s: %d tensors in %d shards, %d experts, %.2f GB in", plan.plan_hash[:12],
              len(plan.tensors), len(plan.shards), len(twin.options.experts), plan.input_bytes / 1e9)
     t1 = time.perf_counter()
-    shards, extra, trim_timings = global_trim_shards(plan, progress=progress, storage_options=opts)
-    results = run_shards(shards, "twin", (twin.options,), progress=progress)
-    timings = {"plan": round(t_plan, 4), **trim_timings, "run": round(time.perf_counter() - t1, 4)}
-    manifest = publish_twin(twin, results, config, timings, storage_options=opts, extra=extra)
+    with ThreadPoolExecutor(max_workers=1) as background:  # loads transformers while the shards run
+        modules = background.submit(_module_kinds, plan.side_files_from, [t.name for t in plan.tensors], opts)
+        shards, extra, trim_timings = global_trim_shards(plan, progress=progress, storage_options=opts)
+        results = run_shards(shards, "twin", (twin.options,), progress=progress)
+        timings = {"plan": round(t_plan, 4), **trim_timings, "run": round(time.perf_counter() - t1, 4)}
+        manifest = publish_twin(twin, results, config, timings, modules.result(), storage_options=opts, extra=extra)
     markers.clear_state(plan.output_url, storage_options=opts)
     LOG.info("published twin run %s at %s", manifest.run_id, plan.output_url)
     return manifest
 
 
-def publish_twin(twin: TwinPlan, results: list[TwinShardResult], config: MergeConfig, timings: dict, *,
-                 storage_options: dict, extra: dict | None = None) -> Manifest:
-    """shared/ (index, side files), each expert's factor index and adapter, then the manifest, last."""
+def publish_twin(twin: TwinPlan, results: list[TwinShardResult], config: MergeConfig, timings: dict,
+                 modules: dict[str, str] | None, *, storage_options: dict, extra: dict | None = None) -> Manifest:
+    """shared/ (index, side files), each expert's factor index and adapter, then the manifest, last.
+    ``modules``: the architecture's module kinds (``_module_kinds``), which the adapters target."""
     plan, options = twin.plan, twin.options
     out = plan.output_url
     t0 = time.perf_counter()
@@ -208,7 +212,6 @@ def publish_twin(twin: TwinPlan, results: list[TwinShardResult], config: MergeCo
     files.append(write_index(out, rows, storage_options=storage_options, directory=SHARED_DIR))
     files += copy_side_files(plan, config.output_dtype, storage_options, directory=SHARED_DIR)
     names = [t.name for t in plan.tensors]
-    modules = _module_kinds(out, names, storage_options)
     checkpoint_bytes = {i.url: i.nbytes for i in plan.inputs}
     experts = []
     for e, expert in enumerate(options.experts):
@@ -285,10 +288,11 @@ def _split_deltas(tensors: dict[str, torch.Tensor], kinds: dict[str, str]) -> tu
     return factors, dense
 
 
-def _module_kinds(output_url: str, names: list[str], storage_options: dict) -> dict[str, str] | None:
-    """{module path: "linear" | "embedding" | "other"} from the shared config.json's architecture built
-    on the meta device, or None when transformers (or the architecture) is not available."""
-    fs, path = open_fs(join_url(output_url, SHARED_DIR, "config.json"), storage_options)
+def _module_kinds(model_url: str, names: list[str], storage_options: dict) -> dict[str, str] | None:
+    """{module path: "linear" | "embedding" | "other"} from the architecture of the model's config.json
+    (the base's, which the shared model keeps) built on the meta device, or None when transformers
+    (or the architecture) is not available."""
+    fs, path = open_fs(join_url(model_url, "config.json"), storage_options)
     if not fs.exists(path):
         return None
     try:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers import compiled
 from workers.memory import PeakAnonMemory
 from workers.methods import bytes_per_element
 from workers.shard_task import (
@@ -260,6 +261,11 @@ def _expert_rows(chunks: _ChunkReader, info: TensorInfo, rows: tuple[int, int]) 
         return raw if itemsize(info.dtype) <= 4 else raw.to(torch.float32)
 
 
+def exclusive_rows(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """v_t = θ_t − θ* for rows of an expert in its stored dtype and float32 θ* (one fused pass)."""
+    return x.to(torch.float32) - theta
+
+
 def _twin_matrix(chunks, task, spec, options, writer, files, infos) -> list[FactorRecord]:
     """θ* of a 2-D tensor (streamed out, kept whole), then each expert's factors of v_t."""
     timer, device = chunks.timer, chunks.device
@@ -277,7 +283,8 @@ def _twin_matrix(chunks, task, spec, options, writer, files, infos) -> list[Fact
         for rows in row_ranges(task):
             x = _expert_rows(chunks, info, rows)
             with timer.track("kernel"):
-                torch.sub(x, theta[rows[0] * n:rows[1] * n], out=v[rows[0] * n:rows[1] * n])
+                compiled.run_into(exclusive_rows, v[rows[0] * n:rows[1] * n], x, theta[rows[0] * n:rows[1] * n],
+                                  numel=x.numel())
         with timer.track("svd"):
             f = factorize(v.view(m, n), rank=options.rank, rank_ratio=options.rank_ratio, energy=options.energy,
                           svd=options.svd)
