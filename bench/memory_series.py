@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/memory_series.py --experts 4 --memory-budget 1GB 4GB --json memory.json
 
-Each size is built, merged with per-tensor TIES under each budget, measured and deleted before the
-next. memory_budget bounds a task's whole process (its ~0.3 GB of Python, torch and Ray included):
+Each size is built, merged with per-tensor TIES under each budget (in a fresh local Ray, as one
+batch job per model would run), measured and deleted before the next. memory_budget bounds a task's whole process (its ~0.3 GB of Python, torch and Ray included):
 the series shows each task's peak RssAnon under its planned bytes and flat once the model's
 tensors outgrow the budget.
 """
@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+import ray
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -30,12 +32,13 @@ SIZES = {  # name: (hidden, layers, intermediate) with vocab 32000
     "0.25B": (1024, 16, 2816),
     "0.5B": (1536, 16, 4096),
     "1B": (2048, 16, 5632),
+    "2B": (2560, 24, 6912),
 }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["0.25B", "0.5B", "1B"], choices=list(SIZES))
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--method", default="ties")
     parser.add_argument("--memory-budget", nargs="+", default=["1GB", "4GB"])
@@ -43,9 +46,10 @@ def main() -> int:
     parser.add_argument("--json")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    connect_ray(None)
     rows = []
     for size in args.sizes:
+        ray.shutdown()  # fresh worker processes per size, as one batch job per model would have
+        connect_ray(None)
         hidden, layers, intermediate = SIZES[size]
         workdir = Path(args.workdir) / size
         for budget in args.memory_budget:

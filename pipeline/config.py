@@ -195,11 +195,6 @@ class MergeConfig(_Frozen):
         """What a task's tensor chunks may hold at once: the budget less the process's own memory."""
         return self.memory_budget_bytes - self.process_reserve_bytes
 
-    def input_urls(self) -> list[str]:
-        """Every model read, base first (when the method uses one), then the listed models in order."""
-        urls = [m.model for m in self.models]
-        return ([self.base_model] if self.base_model and self.merge_method != "linear" else []) + urls
-
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of the validated config (output location excluded)."""
         data = self.model_dump(mode="json", by_alias=True, exclude={"output"})

@@ -25,7 +25,7 @@ from pipeline.resume import prepare_output
 from workers.ray_tasks import submit
 from workers.selection import TrimRule
 from workers.shard_task import ShardResult, ShardSpec
-from workers.tensor_io import join_url, open_fs
+from workers.tensor_io import DTYPES, join_url, open_fs
 
 LOG = logging.getLogger(__name__)
 STAGES = ("read", "convert", "kernel", "write")
@@ -111,7 +111,7 @@ def copy_side_files(plan: ShardPlan, output_dtype: str | None, storage_options: 
         data = src_fs.cat_file(path)
         if name == "config.json" and output_dtype:
             cfg = json.loads(data)
-            cfg["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}.get(output_dtype, cfg.get("torch_dtype"))
+            cfg["torch_dtype"] = str(DTYPES[output_dtype]).removeprefix("torch.")
             data = json.dumps(cfg, indent=2).encode()
         relative = f"{directory}/{name}" if directory else name
         atomic_put(join_url(plan.output_url, relative), data, storage_options=storage_options)

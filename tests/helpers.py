@@ -1,4 +1,4 @@
-"""Test helpers: tiny checkpoints and a straightforward float32 implementation of SPEC.md's rules."""
+"""Test helpers: tiny checkpoints and plain references of SPEC.md's rules (trim, linear, task arithmetic, TIES)."""
 
 from __future__ import annotations
 
@@ -36,29 +36,57 @@ def read_output(out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def ties_reference(base: torch.Tensor, experts: list[torch.Tensor], weights, densities, *, lam=1.0, normalize=True) -> torch.Tensor:
-    """Per-tensor TIES of SPEC.md in float32, written plainly (stable sort for the trim, mergekit zero sign)."""
-    flat_base = base.float().reshape(-1)
-    weighted = []
-    for x, w, d in zip(experts, weights, densities):
-        tau = x.float().reshape(-1) - flat_base
-        n_keep = int(d * tau.numel())
-        order = sorted(range(tau.numel()), key=lambda i: (-abs(float(tau[i])), i))[:n_keep]
-        mask = torch.zeros_like(tau, dtype=torch.bool)
-        mask[order] = True
-        weighted.append(tau * mask * w)
-    vote = torch.zeros_like(flat_base)
+def trim_reference(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """SPEC.md per-tensor trim: keep the first int(density·numel) of a stable sort by (−|τ|, index)."""
+    flat = tau.reshape(-1).tolist()
+    n_keep = int(density * len(flat))
+    order = sorted(range(len(flat)), key=lambda i: (-abs(flat[i]), i))[:n_keep]
+    keep = torch.zeros(len(flat), dtype=torch.bool)
+    keep[order] = True
+    return torch.where(keep, tau.reshape(-1), torch.zeros(())).reshape(tau.shape)
+
+
+def merge_reference(method: str, base: torch.Tensor | None, models: list[torch.Tensor], *, weights, densities=None,
+                    lam: float = 1.0, normalize: bool | None = None, sign_method: str = "sum",
+                    zero_sign: str = "positive", dtype=torch.float64) -> torch.Tensor:
+    """SPEC.md's linear / task arithmetic / per-tensor TIES on one tensor, in ``dtype``."""
+    shape = models[0].shape
+    xs = [m.to(dtype).reshape(-1) for m in models]
+    if method == "linear":
+        total = torch.zeros_like(xs[0])
+        for x, w in zip(xs, weights):
+            total = total + x * w
+        normalize = True if normalize is None else normalize
+        return (total / sum(weights) if normalize else total).reshape(shape)
+    b = base.to(dtype).reshape(-1)
+    taus = [x - b for x in xs]
+    if method == "task_arithmetic":
+        total = torch.zeros_like(b)
+        for tau, w in zip(taus, weights):
+            total = total + tau * w
+        if normalize:
+            total = total / sum(weights)
+        return (b + lam * total).reshape(shape)
+    assert method == "ties"
+    normalize = True if normalize is None else normalize
+    weighted = [trim_reference(tau, d) * w for tau, w, d in zip(taus, weights, densities)]  # weights multiply τ before the vote
+    vote = torch.zeros_like(b)
     for wt in weighted:
-        vote = vote + wt
+        vote = vote + (wt if sign_method == "sum" else torch.sign(wt))
     gamma = torch.sign(vote)
-    gamma[gamma == 0] = 1
-    merged = torch.zeros_like(flat_base)
-    divisor = torch.zeros_like(flat_base)
+    if zero_sign == "positive":
+        fill = 1.0
+    else:  # the sign of Σγ over the tensor (before filling), +1 when that is 0
+        fill = -1.0 if float(gamma.sum()) < 0 else 1.0
+    gamma = torch.where(gamma == 0, torch.full_like(gamma, fill), gamma)
+    kept_sum = torch.zeros_like(b)
+    kept_weight = torch.zeros_like(b)
     for wt, w in zip(weighted, weights):
         agree = torch.sign(wt) == gamma
-        merged = merged + wt * agree
-        divisor = divisor + agree * w
+        kept_sum = kept_sum + wt * agree
+        kept_weight = kept_weight + agree * w
     if normalize:
-        divisor[divisor == 0] = 1
-        merged = merged / divisor
-    return (flat_base + lam * merged).reshape(base.shape)
+        merged = torch.where(kept_weight == 0, kept_sum, kept_sum / torch.where(kept_weight == 0, 1.0, kept_weight))
+    else:
+        merged = kept_sum
+    return (b + lam * merged).reshape(shape)

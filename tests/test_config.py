@@ -50,7 +50,6 @@ def test_mergekit_ties_config_parses(tmp_path):
         assert config.parameters.int8_mask is True
         assert config.output_dtype == "F16"
         assert config.base_model == "TheBloke/Llama-2-13B-fp16"
-        assert config.input_urls()[0] == "TheBloke/Llama-2-13B-fp16"
         assert method.trim_scope == "tensor" and method.zero_sign == "positive" and method.sign_method == "sum"
 
 
@@ -121,7 +120,7 @@ def test_linear_base_model_not_among_models_errors():
     message = _error({"merge_method": "linear", "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]})
     assert "'base'" in message and "base_model" in message
     ok = load_config({"merge_method": "linear", "base_model": "a", "models": [{"model": "a"}, {"model": "b"}]})
-    assert ok.input_urls() == ["a", "b"]
+    assert [m.model for m in ok.models] == ["a", "b"] and ok.base_model == "a"
 
 
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic"])

@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import make_models, read_output, ties_reference
+from helpers import make_models, merge_reference, read_output
 
 from manifests.verify import verify_output
 from pipeline.cli import main
@@ -52,7 +52,7 @@ def test_methods_match_reference(tmp_path, method):
                 acc = acc + (x - b) * w
             expected = b + 0.7 * acc
         else:
-            expected = ties_reference(b, xs, weights, densities, lam=0.7)
+            expected = merge_reference("ties", b, xs, weights=weights, densities=densities, lam=0.7, dtype=torch.float32)
         torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-7, msg=f"{method} {name}")
     assert manifest.method["method"] == method
     assert manifest.n_tensors == len(base)
@@ -71,7 +71,8 @@ def test_ties_exact_for_float32(tmp_path):
     merged = read_output(out)
     for name, b in base.items():
         if b.is_floating_point():
-            expected = ties_reference(b, [e[name] for e in experts], [1.0, 0.5, 2.0], [0.5, 0.3, 0.8])
+            expected = merge_reference("ties", b, [e[name] for e in experts], weights=[1.0, 0.5, 2.0],
+                                       densities=[0.5, 0.3, 0.8], dtype=torch.float32)
             assert torch.equal(merged[name], expected), name
 
 

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import make_models, read_output, ties_reference
+from helpers import make_models, merge_reference, read_output
 
 from manifests.verify import verify_output
 from pipeline.config import load_config
@@ -78,7 +78,8 @@ def test_hub_inputs_resolve_run_and_pin_the_commit(hub_models, tmp_path, ray_loc
     merged = read_output(out)
     for name, b in base.items():
         if b.is_floating_point():
-            want = ties_reference(b, [e[name] for e in experts], [1.0, 0.5, 2.0], [0.5, 0.3, 0.8])
+            want = merge_reference("ties", b, [e[name] for e in experts], weights=[1.0, 0.5, 2.0],
+                                   densities=[0.5, 0.3, 0.8], dtype=torch.float32)
             assert torch.equal(merged[name], want), name
     assert (out / "config.json").exists()  # side files come from the cached snapshot
 

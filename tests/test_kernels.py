@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from helpers import merge_reference
 from pipeline.config import load_config
 from pipeline.planner import build_plan
 from pipeline.samples import write_model
@@ -37,64 +38,6 @@ from workers.shard_task import run_shard
 
 TINY_CONFIG = {"model_type": "llama", "hidden_size": 8}
 SHAPES = {"a.weight": (16, 12), "b.weight": (33, 7), "c.bias": (12,), "d.weight": (5, 5, 3)}
-
-
-# ---- references (SPEC.md) --------------------------------------------------------------------
-
-def _trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep exactly int(density·numel) largest |τ|, ties broken by lowest flat index."""
-    values = tau.tolist()
-    n_keep = int(density * len(values))
-    order = sorted(range(len(values)), key=lambda i: (-abs(values[i]), i))[:n_keep]
-    keep = torch.zeros(len(values), dtype=torch.bool)
-    keep[order] = True
-    return tau * keep
-
-
-def merge_reference(method: str, base: torch.Tensor | None, models: list[torch.Tensor], *, weights, densities=None,
-                    lam: float = 1.0, normalize: bool | None = None, sign_method: str = "sum",
-                    zero_sign: str = "positive", dtype=torch.float64) -> torch.Tensor:
-    """SPEC.md's linear / task arithmetic / per-tensor TIES on one tensor, in ``dtype``."""
-    shape = models[0].shape
-    xs = [m.to(dtype).reshape(-1) for m in models]
-    if method == "linear":
-        total = torch.zeros_like(xs[0])
-        for x, w in zip(xs, weights):
-            total = total + x * w
-        normalize = True if normalize is None else normalize
-        return (total / sum(weights) if normalize else total).reshape(shape)
-    b = base.to(dtype).reshape(-1)
-    taus = [x - b for x in xs]
-    if method == "task_arithmetic":
-        total = torch.zeros_like(b)
-        for tau, w in zip(taus, weights):
-            total = total + tau * w
-        if normalize:
-            total = total / sum(weights)
-        return (b + lam * total).reshape(shape)
-    assert method == "ties"
-    normalize = True if normalize is None else normalize
-    weighted = [_trim(tau, d) * w for tau, w, d in zip(taus, weights, densities)]  # weights multiply τ before the vote
-    vote = torch.zeros_like(b)
-    for wt in weighted:
-        vote = vote + (wt if sign_method == "sum" else torch.sign(wt))
-    gamma = torch.sign(vote)
-    if zero_sign == "positive":
-        fill = 1.0
-    else:  # the sign of Σγ over the tensor (before filling), +1 when that is 0
-        fill = -1.0 if float(gamma.sum()) < 0 else 1.0
-    gamma = torch.where(gamma == 0, torch.full_like(gamma, fill), gamma)
-    kept_sum = torch.zeros_like(b)
-    kept_weight = torch.zeros_like(b)
-    for wt, w in zip(weighted, weights):
-        agree = torch.sign(wt) == gamma
-        kept_sum = kept_sum + wt * agree
-        kept_weight = kept_weight + agree * w
-    if normalize:
-        merged = torch.where(kept_weight == 0, kept_sum, kept_sum / torch.where(kept_weight == 0, 1.0, kept_weight))
-    else:
-        merged = kept_sum
-    return (b + lam * merged).reshape(shape)
 
 
 # ---- inputs ----------------------------------------------------------------------------------

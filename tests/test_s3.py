@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from helpers import make_models, ties_reference
+from helpers import make_models, merge_reference
 from safetensors.torch import load
 
 from manifests.verify import verify_output
@@ -63,7 +63,8 @@ def test_ties_end_to_end_on_s3(s3_server, tmp_path):
             merged.update(load(fs.cat_file(f"mf-e2e/run/{name}")))
     for name, b in base.items():
         if b.is_floating_point():
-            expected = ties_reference(b, [e[name] for e in experts], WEIGHTS, DENSITIES)
+            expected = merge_reference("ties", b, [e[name] for e in experts], weights=WEIGHTS, densities=DENSITIES,
+                                       dtype=torch.float32)
             assert torch.equal(merged[name], expected), name
         else:
             assert torch.equal(merged[name], b), name

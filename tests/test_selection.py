@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from helpers import trim_reference
 from workers import selection, ties
 from workers.selection import TrimRule
 
@@ -151,16 +152,6 @@ def test_bucket_ids_order_like_magnitudes():
 
 # ---- top-n trim ------------------------------------------------------------------------------
 
-def reference_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """SPEC.md per-tensor trim: keep the first int(density·numel) of a stable sort by (−|τ|, index)."""
-    flat = tau.reshape(-1).tolist()
-    n_keep = int(density * len(flat))
-    order = sorted(range(len(flat)), key=lambda i: (-abs(flat[i]), i))[:n_keep]
-    keep = torch.zeros(len(flat), dtype=torch.bool)
-    keep[order] = True
-    return torch.where(keep, tau.reshape(-1), torch.zeros(())).reshape(tau.shape)
-
-
 def implementation_rule(tau: torch.Tensor, density: float, row_chunks: list[tuple[int, int]]) -> TrimRule:
     """The rule as the shard task derives it: histograms accumulated chunk by chunk."""
     numel = tau.numel()
@@ -204,7 +195,7 @@ def trim_in_chunks(tau: torch.Tensor, rule: TrimRule, row_chunks: list[tuple[int
 def _check_trim(tau: torch.Tensor, density: float, row_chunks) -> None:
     rule = implementation_rule(tau, density, row_chunks)
     got = trim_in_chunks(tau, rule, row_chunks)
-    expected = reference_trim(tau, density)
+    expected = trim_reference(tau, density)
     assert torch.equal(got, expected), (rule, (got != expected).nonzero()[:5])
     n_keep = int(density * tau.numel())
     n_nonzero = int((tau != 0).sum())

@@ -172,7 +172,7 @@ class NonFiniteInputError(ValueError):
 class _MergeInputs:
     """A merged tensor's chunks as (base [N], experts [T, N]); a tensor that fits in one chunk is
     read once and kept across the passes of a trim. With ``check_finite`` every chunk is checked
-    for NaN / Inf as it is read."""
+    for NaN / Inf the first time it is read."""
 
     def __init__(self, chunks: _ChunkReader, task: TensorTask, uses_base: bool, check_finite: bool = True,
                  parity: int = 0):
@@ -180,6 +180,7 @@ class _MergeInputs:
         self.ranges = row_ranges(task)
         self.parity = parity
         self._cached = None
+        self._checked: set[tuple[int, int]] = set()  # row chunks already checked (a trim reads each up to 4 times)
 
     def _reads(self, rows) -> list[tuple]:
         split = 1 if self.uses_base else 0
@@ -205,7 +206,8 @@ class _MergeInputs:
         split = 1 if self.uses_base else 0
         loaded_rows = [self.chunks.stacked(*read) for read in self._reads(rows)]
         base_rows, experts = (loaded_rows[0], loaded_rows[1]) if split else (None, loaded_rows[0])
-        if self.check_finite:
+        if self.check_finite and rows not in self._checked:
+            self._checked.add(rows)
             with self.chunks.timer.track("kernel"):
                 if base_rows is not None:
                     self._check(base_rows, self.task.inputs[:split], rows)
