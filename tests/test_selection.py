@@ -74,11 +74,11 @@ def high_counts(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def low_counts(parts: list[torch.Tensor], buckets: list[int]) -> torch.Tensor:
-    """Pass 2: [T, LOW_BUCKETS] counts of the low bits inside each expert's bucket (sentinel column dropped)."""
+    """Pass 2: [T, LOW_BUCKETS] counts of the low bits inside each expert's bucket (sentinels dropped)."""
     total = 0
     for p in parts:
         ids = selection.low_bucket_ids(torch.zeros(p.shape[1]), p, torch.tensor(buckets, dtype=torch.int32))
-        total = total + selection.count_ids(ids, selection.LOW_BUCKETS + 1)[:, : selection.LOW_BUCKETS]
+        total = total + selection.count_ids(ids, selection.LOW_BUCKETS)
     return total
 
 
@@ -142,12 +142,13 @@ def test_bucket_ids_order_like_magnitudes():
     x = torch.tensor([-0.0, 0.0, 1e-45, -3e-39, 1.0, -2.0, 3e38, float("inf")])
     ids = selection.high_bucket_ids(torch.zeros(8), torch.stack([x, x]))
     assert ids.shape == (2, 8)
-    assert (ids[0] >= 0).all() and (ids[0] < selection.HIGH_BUCKETS).all()
-    assert torch.equal(ids[1] - ids[0], torch.full((8,), selection.HIGH_BUCKETS, dtype=ids.dtype))
+    assert (ids[0] >= 0).all() and (ids[0].long() < selection.HIGH_BUCKETS).all()
+    assert ids.dtype == torch.int16 and torch.equal(ids[1], ids[0])
     bits = x.abs().view(torch.int32)
     assert torch.equal(ids[0].long(), (bits >> 16).long())
     low = selection.low_bucket_ids(torch.zeros(8), torch.stack([x]), torch.tensor([0x3F80], dtype=torch.int32))
-    assert low[0].tolist() == [selection.LOW_BUCKETS] * 4 + [0] + [selection.LOW_BUCKETS] * 3  # only 1.0 is in 0x3F80
+    sentinels = [selection.LOW_BUCKETS + i for i in range(8)]  # spread by element index
+    assert low[0].tolist() == sentinels[:4] + [0] + sentinels[5:]  # only 1.0 is in 0x3F80
 
 
 # ---- top-n trim ------------------------------------------------------------------------------

@@ -13,19 +13,20 @@ import torch
 
 
 class Buffers:
-    """One growable flat buffer per (slot, dtype, device); ``get`` returns a view of the size asked."""
+    """One growable byte buffer per (slot, device); ``get`` views its start as the shape and dtype
+    asked, so a slot serves passes of different dtypes (int16 and int32 bucket ids) in one buffer."""
 
     def __init__(self, pin_host: bool = False):
         self.pin_host = pin_host  # page-locked host buffers, for fast copies to a GPU
-        self._flat: dict[tuple, torch.Tensor] = {}
+        self._bytes: dict[tuple, torch.Tensor] = {}
 
     def get(self, slot: tuple, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A contiguous ``shape`` view of slot's buffer; its contents are whatever was there."""
-        numel = math.prod(shape)
-        key = (slot, dtype, device.type)
-        flat = self._flat.get(key)
-        if flat is None or flat.numel() < numel:
-            self._flat.pop(key, None)  # free the smaller buffer before allocating the larger
-            flat = torch.empty(numel, dtype=dtype, device=device, pin_memory=self.pin_host and device.type == "cpu")
-            self._flat[key] = flat
-        return flat[:numel].view(shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        key = (slot, device.type)
+        flat = self._bytes.get(key)
+        if flat is None or flat.numel() < nbytes:
+            self._bytes.pop(key, None)  # free the smaller buffer before allocating the larger
+            flat = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=self.pin_host and device.type == "cpu")
+            self._bytes[key] = flat
+        return flat[:nbytes].view(dtype).view(shape)

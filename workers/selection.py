@@ -16,6 +16,7 @@ import torch
 
 HIGH_BUCKETS = 1 << 15  # high 16 bits of a non-negative float32 (the sign bit is 0)
 LOW_BUCKETS = 1 << 16
+SENTINEL_BINS = 256  # bins after LOW_BUCKETS that elements outside the located bucket are spread over
 
 
 def _magnitude_bits(base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -23,25 +24,26 @@ def _magnitude_bits(base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
 
 
 def high_bucket_ids(base: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """Per element of τ = experts − base ([T, N]), its high-16-bit bucket of |τ|, offset by
-    t·HIGH_BUCKETS so one bincount histograms every expert (see ``count_ids``)."""
-    offset = torch.arange(experts.shape[0], device=experts.device, dtype=torch.int32).view(-1, 1) * HIGH_BUCKETS
-    return (_magnitude_bits(base, experts) >> 16) + offset
+    """[T, N] int16: per element of τ = experts − base, the high 16 bits of |τ| (its bucket; the sign
+    bit is 0, so 0 … HIGH_BUCKETS − 1). Two bytes per id make the counting pass cheaper."""
+    return (_magnitude_bits(base, experts) >> 16).to(torch.int16)
 
 
 def low_bucket_ids(base: torch.Tensor, experts: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-    """Per element, the low 16 bits of |τ| when its high bits equal expert t's ``buckets[t]``,
-    else a sentinel (LOW_BUCKETS); offset by t·(LOW_BUCKETS + 1)."""
+    """[T, N] int32: per element, the low 16 bits of |τ| when its high bits equal expert t's
+    ``buckets[t]``, else one of SENTINEL_BINS sentinels from LOW_BUCKETS up, picked by the
+    element's index. Most elements lie outside the bucket: counted into one bin, each increment
+    would wait for the last (a bincount 2.6× slower)."""
     bits = _magnitude_bits(base, experts)
-    offset = torch.arange(experts.shape[0], device=experts.device, dtype=torch.int32).view(-1, 1) * (LOW_BUCKETS + 1)
     inside = (bits >> 16) == buckets.view(-1, 1)
-    return torch.where(inside, bits & 0xFFFF, LOW_BUCKETS) + offset
+    index = torch.arange(bits.shape[1], device=bits.device, dtype=torch.int32)
+    return torch.where(inside, bits & 0xFFFF, LOW_BUCKETS + (index & (SENTINEL_BINS - 1)))
 
 
 def count_ids(ids: torch.Tensor, width: int) -> torch.Tensor:
-    """[T, width] int64 histograms from the offset ids of ``high_bucket_ids`` / ``low_bucket_ids``."""
-    n_experts = ids.shape[0]
-    return torch.bincount(ids.reshape(-1), minlength=n_experts * width).view(n_experts, width)
+    """[T, width] int64 histograms of the rows of ``high_bucket_ids`` / ``low_bucket_ids``
+    (sentinels left out)."""
+    return torch.stack([torch.bincount(row, minlength=width + SENTINEL_BINS)[:width] for row in ids])
 
 
 def locate(hist: torch.Tensor, k: int) -> tuple[int, int]:

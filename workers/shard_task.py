@@ -225,13 +225,14 @@ def _histograms(inputs: _MergeInputs, buckets: torch.Tensor | None, timer: _Time
     for rows in inputs.ranges:
         base, experts = inputs.load(rows)
         with timer.track("kernel"):
-            ids = inputs.chunks.buffers.get(("ids",), experts.shape, torch.int32, experts.device)
             if buckets is None:
+                ids = inputs.chunks.buffers.get(("ids",), experts.shape, torch.int16, experts.device)
                 compiled.run_into(selection.high_bucket_ids, ids, base, experts, numel=experts.numel())
                 counts = selection.count_ids(ids, selection.HIGH_BUCKETS)
             else:
+                ids = inputs.chunks.buffers.get(("ids",), experts.shape, torch.int32, experts.device)
                 compiled.run_into(selection.low_bucket_ids, ids, base, experts, buckets, numel=experts.numel())
-                counts = selection.count_ids(ids, selection.LOW_BUCKETS + 1)[:, : selection.LOW_BUCKETS]
+                counts = selection.count_ids(ids, selection.LOW_BUCKETS)
             total = counts if total is None else total + counts
     return total
 
