@@ -30,7 +30,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import add_model_arguments, build_inputs  # noqa: E402
+from run import add_model_arguments, build_inputs, warm_page_cache  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.coordinator import connect_ray, run_merge  # noqa: E402
@@ -63,6 +63,7 @@ def main() -> int:
                               vocab=args.vocab, experts=4)
     base, experts = build_inputs(workdir, options)
     experts, expert = experts[: args.experts], experts[0]
+    warm_page_cache([base, *experts])
     connect_ray(None)
     out = workdir / "twin-out"
     config = {"merge_method": "twin", "base_model": str(base), "output": str(out),
