@@ -32,8 +32,9 @@ class MethodOptions(BaseModel):
 def bytes_per_element(n_inputs: int, in_itemsize: int, out_itemsize: int) -> int:
     """Peak working-set bytes per tensor element while merging one chunk.
 
-    Counts two sets of raw read buffers (this chunk and the next tensor's, read ahead), the fused
-    kernels' int32 bucket ids and tie masks per input, three float32 per-element temporaries and
-    the cast output.
+    Counts two sets of raw read buffers (this chunk and the next tensor's, read ahead), the bucket
+    ids (int32) plus a byte per input, three float32 per-element temporaries and the cast output.
+    The compiled kernels hold less (no temporaries); the eager ones, which run small chunks or
+    everything where nothing compiles, about this much.
     """
     return 2 * n_inputs * in_itemsize + 5 * n_inputs + 3 * 4 + out_itemsize

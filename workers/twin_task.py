@@ -67,7 +67,8 @@ class TwinOptions:
     rank_ratio: float | None
     energy: float | None
     svd: str  # auto | exact | randomized
-    chunk_budget: int  # bytes for tensors (memory_budget less process_reserve); decides whether the merge's reads of the experts are kept for v_t
+    chunk_budget: int  # bytes for tensors (memory_budget less process_reserve); decides whether
+    #                    the merge's reads of the experts are kept for v_t
 
     def factor_file(self, expert: str, shard_index: int) -> str:
         """Path of an expert's factor file for one shard, relative to the output root."""
