@@ -1,5 +1,5 @@
 """Run state kept beside the output while a run is in progress: the plan, and one completion
-marker per finished shard (its result: the shard's manifest fragment). A rerun with the same
+marker per finished shard (its result, merge or twin: the shard's manifest fragment). A rerun with the same
 config reads the markers once and runs only the shards without one."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 from manifests.writer import atomic_put
 from workers.shard_task import ShardResult
+from workers.twin_task import FactorFileResult, FactorRecord, TwinShardResult
 from workers.tensor_io import WrittenTensor, join_url, open_fs
 
 STATE_DIR = "_mergefleet"
@@ -33,21 +34,32 @@ def read_state(output_url: str, name: str, *, storage_options: dict | None = Non
 
 
 def marker_url(output_url: str, file_name: str) -> str:
-    return join_url(output_url, STATE_DIR, DONE_DIR, f"{file_name}.json")
+    """One flat folder of markers, also for shards whose file lies in a subfolder (twin: shared/)."""
+    return join_url(output_url, STATE_DIR, DONE_DIR, f"{file_name.replace('/', '--')}.json")
 
 
-def write_marker(output_url: str, result: ShardResult, *, storage_options: dict | None = None) -> None:
-    """Mark a shard done; call only after its file is completely written."""
-    atomic_put(marker_url(output_url, result.file_name), json.dumps(dataclasses.asdict(result)).encode(),
-               storage_options=storage_options)
+def write_marker(output_url: str, result: ShardResult | TwinShardResult, *,
+                 storage_options: dict | None = None) -> None:
+    """Mark a shard done; call only after its files are completely written."""
+    kind = "twin" if isinstance(result, TwinShardResult) else "merge"
+    atomic_put(marker_url(output_url, result.file_name),
+               json.dumps({"kind": kind, **dataclasses.asdict(result)}).encode(), storage_options=storage_options)
 
 
-def _result_from_json(data: dict[str, Any]) -> ShardResult:
-    tensors = tuple(WrittenTensor(**{**t, "shape": tuple(t["shape"])}) for t in data.pop("tensors"))
-    return ShardResult(**data, tensors=tensors)
+def _tensors(rows: list[dict]) -> tuple[WrittenTensor, ...]:
+    return tuple(WrittenTensor(**{**t, "shape": tuple(t["shape"])}) for t in rows)
 
 
-def read_markers(output_url: str, *, storage_options: dict | None = None) -> dict[str, ShardResult]:
+def _result_from_json(data: dict[str, Any]) -> ShardResult | TwinShardResult:
+    if data.pop("kind", "merge") == "merge":
+        return ShardResult(**{**data, "tensors": _tensors(data["tensors"])})
+    return TwinShardResult(**{
+        **data, "shared": _result_from_json(data["shared"]),
+        "factor_files": tuple(FactorFileResult(**{**f, "tensors": _tensors(f["tensors"])}) for f in data["factor_files"]),
+        "records": tuple(FactorRecord(**r) for r in data["records"])})
+
+
+def read_markers(output_url: str, *, storage_options: dict | None = None) -> dict[str, ShardResult | TwinShardResult]:
     """Every completion marker at this output, by shard file name (one listing, then small reads)."""
     fs, path = open_fs(join_url(output_url, STATE_DIR, DONE_DIR), storage_options)
     try:

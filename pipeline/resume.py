@@ -14,6 +14,7 @@ from manifests.reader import ManifestError, read_manifest
 from manifests.schema import MANIFEST_JSON, Manifest
 from pipeline.planner import ShardPlan
 from workers.shard_task import ShardResult
+from workers.twin_task import TwinShardResult
 from workers.tensor_io import join_url, open_fs
 
 LOG = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ class OutputState:
     """What an output already holds for this plan."""
 
     complete: Manifest | None = None  # the committed manifest of this very config
-    done: dict[str, ShardResult] = field(default_factory=dict)  # shard file name -> result, from markers
+    done: dict[str, ShardResult | TwinShardResult] = field(default_factory=dict)  # shard file name -> result, from markers
 
 
 def plan_record(plan: ShardPlan) -> dict:
@@ -70,15 +71,16 @@ def prepare_output(plan: ShardPlan, *, overwrite: bool, storage_options: dict) -
 
 
 def _valid_markers(plan: ShardPlan, storage_options: dict) -> dict[str, ShardResult]:
-    """Markers of this plan's shards whose file is still there with the recorded size."""
+    """Markers of this plan's shards whose files are all still there with the recorded sizes."""
     names = {s.file_name for s in plan.shards}
     fs, _ = open_fs(plan.output_url, storage_options)
-    done = {}
-    for name, result in markers.read_markers(plan.output_url, storage_options=storage_options).items():
+
+    def intact(name: str, size: int) -> bool:
         _, path = open_fs(join_url(plan.output_url, name), storage_options)
-        if name in names and fs.exists(path) and fs.size(path) == result.file_size:
-            done[name] = result
-    return done
+        return fs.exists(path) and fs.size(path) == size
+
+    return {name: result for name, result in markers.read_markers(plan.output_url, storage_options=storage_options).items()
+            if name in names and all(intact(*file) for file in result.files())}
 
 
 def output_status(url: str, *, storage_options: dict | None = None) -> dict:

@@ -182,7 +182,7 @@ def run_twin(config: MergeConfig, *, output_url: str | None = None, address: str
     twin = build_twin_plan(config, output_url=output_url, storage_options=opts)
     plan = twin.plan
     t_plan = time.perf_counter() - t0
-    state = prepare_output(plan, overwrite=overwrite, storage_options=opts)  # twin shards always rerun
+    state = prepare_output(plan, overwrite=overwrite, storage_options=opts)
     if state.complete is not None:
         LOG.warning("%s already holds this run (%s); nothing to do", plan.output_url, state.complete.run_id)
         return state.complete
@@ -193,8 +193,11 @@ def run_twin(config: MergeConfig, *, output_url: str | None = None, address: str
     with ThreadPoolExecutor(max_workers=1) as background:  # loads transformers while the shards run
         modules = background.submit(_module_kinds, plan.side_files_from, [t.name for t in plan.tensors], opts)
         shards, extra, trim_timings = global_trim_shards(plan, progress=progress, storage_options=opts)
-        results = run_shards(shards, "twin", (twin.options,), progress=progress)
-        timings = {"plan": round(t_plan, 4), **trim_timings, "run": round(time.perf_counter() - t1, 4)}
+        missing = tuple(s for s in shards if s.file_name not in state.done)
+        results = sorted([*run_shards(missing, "twin", (twin.options,), progress=progress), *state.done.values()],
+                         key=lambda r: r.index)
+        timings = {"plan": round(t_plan, 4), **trim_timings, "resumed_shards": len(state.done),
+                   "run": round(time.perf_counter() - t1, 4)}
         manifest = publish_twin(twin, results, config, timings, modules.result(), storage_options=opts, extra=extra)
     markers.clear_state(plan.output_url, storage_options=opts)
     LOG.info("published twin run %s at %s", manifest.run_id, plan.output_url)

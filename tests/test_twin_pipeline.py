@@ -317,3 +317,23 @@ def test_minilm_router_training_and_prediction(minilm, capsys):
 
     twin = load_twin(out)
     assert twin.router is not None and twin.mode == "router"
+
+
+def test_interrupted_twin_run_resumes_only_missing_shards(tmp_path, llama):
+    """A twin run whose coordinator died after one shard: the rerun keeps that shard (its marker and
+    files) and the output is the same, byte for byte, as an uninterrupted run's."""
+    import ray
+
+    from pipeline.resume import prepare_output
+    from workers.ray_tasks import submit
+
+    config = _twin_config(llama.base, llama.experts, tmp_path / "out", FULL_RANK, shards=3)
+    twin = build_twin_plan(config)
+    prepare_output(twin.plan, overwrite=False, storage_options={})  # the plan record, as a run writes it first
+    ray.get(submit("twin", twin.plan.shards[1], twin.options, use_gpu=False, memory_bytes=0))
+    assert main(["status", str(tmp_path / "out")]) == 0
+    manifest = run_merge(config, progress=False)
+    assert manifest.timings["resumed_shards"] == 1
+    shas = {key: row["sha256"] for key, row in _table(tmp_path / "out").items()}
+    assert shas == {key: row["sha256"] for key, row in _table(llama.outs["many"]).items()}
+    assert verify_output(str(tmp_path / "out")) == []

@@ -17,12 +17,19 @@ def _merge_and_mark(spec: shard_task.ShardSpec) -> shard_task.ShardResult:
     return result
 
 
+def _twin_and_mark(spec: shard_task.ShardSpec, options: twin_task.TwinOptions) -> twin_task.TwinShardResult:
+    """Run one twin shard (θ* and every expert's factors), then mark it done."""
+    result = twin_task.run_twin_shard(spec, options)
+    write_marker(spec.output_url, result, storage_options=spec.storage_options)
+    return result
+
+
 _BODIES = {
     "merge": _merge_and_mark,
     "high": shard_task.scan_high_histograms,
     "low": shard_task.scan_low_histograms,
     "sign": shard_task.scan_sign_sum,
-    "twin": twin_task.run_twin_shard,
+    "twin": _twin_and_mark,
 }
 
 

@@ -71,6 +71,10 @@ class ShardResult:
     start_rss_anon: int | None = None  # ... when the task started (the worker process itself)
     planned_bytes: int = 0  # the spec's memory_bytes, which peak_rss_anon should stay under
 
+    def files(self) -> list[tuple[str, int]]:
+        """(name relative to the output root, size) of every file the shard wrote."""
+        return [(self.file_name, self.file_size)]
+
 
 def pick_device() -> torch.device:
     """The task's GPU when Ray gave it one, else the CPU."""

@@ -115,6 +115,15 @@ class TwinShardResult:
     planned_bytes: int = 0  # the spec's memory_bytes, which peak_rss_anon should stay under
     start_rss_anon: int | None = None  # anonymous memory of the process when the task started
 
+    @property
+    def file_name(self) -> str:
+        """The shard's name in run state: its file of θ*."""
+        return self.shared.file_name
+
+    def files(self) -> list[tuple[str, int]]:
+        """(name relative to the output root, size) of every file the shard wrote."""
+        return self.shared.files() + [(f.file_name, f.file_size) for f in self.factor_files]
+
 
 def expert_infos(task: TensorTask, uses_base: bool) -> tuple[TensorInfo, ...]:
     """The experts' inputs of a merged tensor (the base, when the shared merge reads one, comes first)."""
