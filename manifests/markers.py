@@ -38,8 +38,7 @@ def marker_url(output_url: str, file_name: str) -> str:
     return join_url(output_url, STATE_DIR, DONE_DIR, f"{file_name.replace('/', '--')}.json")
 
 
-def write_marker(output_url: str, result: ShardResult | TwinShardResult, *,
-                 storage_options: dict | None = None) -> None:
+def write_marker(output_url: str, result: ShardResult, *, storage_options: dict | None = None) -> None:
     """Mark a shard done; call only after its files are completely written."""
     kind = "twin" if isinstance(result, TwinShardResult) else "merge"
     atomic_put(marker_url(output_url, result.file_name),
@@ -50,16 +49,17 @@ def _tensors(rows: list[dict]) -> tuple[WrittenTensor, ...]:
     return tuple(WrittenTensor(**{**t, "shape": tuple(t["shape"])}) for t in rows)
 
 
-def _result_from_json(data: dict[str, Any]) -> ShardResult | TwinShardResult:
-    if data.pop("kind", "merge") == "merge":
-        return ShardResult(**{**data, "tensors": _tensors(data["tensors"])})
+def _result_from_json(data: dict[str, Any]) -> ShardResult:
+    fields = {**data, "tensors": _tensors(data["tensors"])}
+    if fields.pop("kind", "merge") == "merge":
+        return ShardResult(**fields)
     return TwinShardResult(**{
-        **data, "shared": _result_from_json(data["shared"]),
+        **fields,
         "factor_files": tuple(FactorFileResult(**{**f, "tensors": _tensors(f["tensors"])}) for f in data["factor_files"]),
         "records": tuple(FactorRecord(**r) for r in data["records"])})
 
 
-def read_markers(output_url: str, *, storage_options: dict | None = None) -> dict[str, ShardResult | TwinShardResult]:
+def read_markers(output_url: str, *, storage_options: dict | None = None) -> dict[str, ShardResult]:
     """Every completion marker at this output, by shard file name (one listing, then small reads)."""
     fs, path = open_fs(join_url(output_url, STATE_DIR, DONE_DIR), storage_options)
     try:

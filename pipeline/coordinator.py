@@ -91,6 +91,14 @@ def run_shards(shards: tuple[ShardSpec, ...], kind: str = "merge", args: tuple =
     return sorted(results, key=lambda r: r.index)
 
 
+def run_missing_shards(shards: tuple[ShardSpec, ...], done: dict[str, ShardResult], kind: str = "merge",
+                       args: tuple = (), *, progress: bool) -> list:
+    """``run_shards`` for the shards without a result in ``done`` (a resumed run's markers); returns
+    every shard's result, in shard order."""
+    missing = tuple(s for s in shards if s.file_name not in done)
+    return sorted([*run_shards(missing, kind, args, progress=progress), *done.values()], key=lambda r: r.index)
+
+
 def _root_cause(exc: Exception) -> str:
     cause = getattr(exc, "cause", None)
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
@@ -230,8 +238,7 @@ def run_merge(config: MergeConfig, *, output_url: str | None = None, address: st
     t1 = time.perf_counter()
     shards, extra, trim_timings = global_trim_shards(plan, progress=progress, storage_options=opts)
     timings = {"plan": round(t_plan, 4), **trim_timings, "resumed_shards": len(state.done)}
-    missing = tuple(s for s in shards if s.file_name not in state.done)
-    results = sorted([*run_shards(missing, progress=progress), *state.done.values()], key=lambda r: r.index)
+    results = run_missing_shards(shards, state.done, progress=progress)
     timings["run"] = round(time.perf_counter() - t1, 4)
     manifest = publish(plan, results, config, timings, storage_options=opts, extra=extra)
     markers.clear_state(plan.output_url, storage_options=opts)  # the manifest is the record from now on

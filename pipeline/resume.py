@@ -14,7 +14,6 @@ from manifests.reader import ManifestError, read_manifest
 from manifests.schema import MANIFEST_JSON, Manifest
 from pipeline.planner import ShardPlan
 from workers.shard_task import ShardResult
-from workers.twin_task import TwinShardResult
 from workers.tensor_io import join_url, open_fs
 
 LOG = logging.getLogger(__name__)
@@ -29,7 +28,7 @@ class OutputState:
     """What an output already holds for this plan."""
 
     complete: Manifest | None = None  # the committed manifest of this very config
-    done: dict[str, ShardResult | TwinShardResult] = field(default_factory=dict)  # shard file name -> result, from markers
+    done: dict[str, ShardResult] = field(default_factory=dict)  # shard file name -> result (merge or twin), from markers
 
 
 def plan_record(plan: ShardPlan) -> dict:

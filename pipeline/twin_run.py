@@ -52,7 +52,7 @@ from pipeline.coordinator import (
     connect_ray,
     copy_side_files,
     global_trim_shards,
-    run_shards,
+    run_missing_shards,
     shard_rows,
     write_index,
 )
@@ -193,9 +193,7 @@ def run_twin(config: MergeConfig, *, output_url: str | None = None, address: str
     with ThreadPoolExecutor(max_workers=1) as background:  # loads transformers while the shards run
         modules = background.submit(_module_kinds, plan.side_files_from, [t.name for t in plan.tensors], opts)
         shards, extra, trim_timings = global_trim_shards(plan, progress=progress, storage_options=opts)
-        missing = tuple(s for s in shards if s.file_name not in state.done)
-        results = sorted([*run_shards(missing, "twin", (twin.options,), progress=progress), *state.done.values()],
-                         key=lambda r: r.index)
+        results = run_missing_shards(shards, state.done, "twin", (twin.options,), progress=progress)
         timings = {"plan": round(t_plan, 4), **trim_timings, "resumed_shards": len(state.done),
                    "run": round(time.perf_counter() - t1, 4)}
         manifest = publish_twin(twin, results, config, timings, modules.result(), storage_options=opts, extra=extra)
@@ -211,7 +209,7 @@ def publish_twin(twin: TwinPlan, results: list[TwinShardResult], config: MergeCo
     plan, options = twin.plan, twin.options
     out = plan.output_url
     t0 = time.perf_counter()
-    rows, files = shard_rows(plan, [r.shared for r in results])
+    rows, files = shard_rows(plan, results)
     files.append(write_index(out, rows, storage_options=storage_options, directory=SHARED_DIR))
     files += copy_side_files(plan, config.output_dtype, storage_options, directory=SHARED_DIR)
     names = [t.name for t in plan.tensors]
@@ -256,7 +254,6 @@ def publish_twin(twin: TwinPlan, results: list[TwinShardResult], config: MergeCo
         "storage_ratio": factor_total / dense_total if dense_total else None,
         "rel_error_note": "‖v − BA‖_F / ‖v‖_F in float32, before the factors are cast to the stored dtype",
         "storage_ratio_note": "factor bytes / bytes of the same exclusive tensors stored dense in the same dtype",
-        "memory": [{"shard": r.index, "planned_bytes": r.planned_bytes, "peak_rss_anon": r.peak_rss_anon} for r in results],
         "experts": experts,
     }
     timings = {**timings, "publish": round(time.perf_counter() - t0, 4)}

@@ -101,28 +101,16 @@ class FactorFileResult:
 
 
 @dataclass(frozen=True)
-class TwinShardResult:
-    """What a finished twin shard reports (never tensors)."""
+class TwinShardResult(ShardResult):
+    """What a finished twin shard reports (never tensors): its shard of θ* (the ShardResult fields,
+    with the task's reads, timings and memory) and every expert's factor file of the same tensors."""
 
-    index: int
-    shared: ShardResult  # the shard of θ*
-    factor_files: tuple[FactorFileResult, ...]  # one per expert, in expert order
-    records: tuple[FactorRecord, ...]
-    bytes_read: int
-    timings: dict[str, float]
-    device: str
-    peak_rss_anon: int | None = None  # bytes of anonymous memory of the task's process at its peak
-    planned_bytes: int = 0  # the spec's memory_bytes, which peak_rss_anon should stay under
-    start_rss_anon: int | None = None  # anonymous memory of the process when the task started
-
-    @property
-    def file_name(self) -> str:
-        """The shard's name in run state: its file of θ*."""
-        return self.shared.file_name
+    factor_files: tuple[FactorFileResult, ...] = ()  # one per expert, in expert order
+    records: tuple[FactorRecord, ...] = ()
 
     def files(self) -> list[tuple[str, int]]:
         """(name relative to the output root, size) of every file the shard wrote."""
-        return self.shared.files() + [(f.file_name, f.file_size) for f in self.factor_files]
+        return super().files() + [(f.file_name, f.file_size) for f in self.factor_files]
 
 
 def expert_infos(task: TensorTask, uses_base: bool) -> tuple[TensorInfo, ...]:
@@ -365,10 +353,8 @@ def run_twin_shard(spec: ShardSpec, options: TwinOptions) -> TwinShardResult:
     LOG.info("twin shard %d: %d tensors x %d experts, %.1f MB read in %.2fs (svd %.2fs)", spec.index,
              len(spec.tensors), len(options.experts), reader.bytes_read / 1e6, timer.seconds["total"],
              timer.seconds.get("svd", 0.0))
-    shared = ShardResult(spec.index, spec.file_name, shared_sha, writer.bytes_written, tuple(writer.results),
-                         reader.bytes_read, dict(timer.seconds), str(device), memory.peak, memory.start,
-                         spec.memory_bytes)
     factor_files = tuple(FactorFileResult(e, name, sha, size, tensors)
                          for e, name, (sha, size, tensors) in zip(options.experts, names, written))
-    return TwinShardResult(spec.index, shared, factor_files, tuple(records), reader.bytes_read, dict(timer.seconds),
-                           str(device), memory.peak, spec.memory_bytes, memory.start)
+    return TwinShardResult(spec.index, spec.file_name, shared_sha, writer.bytes_written, tuple(writer.results),
+                           reader.bytes_read, dict(timer.seconds), str(device), memory.peak, memory.start,
+                           spec.memory_bytes, factor_files, tuple(records))
