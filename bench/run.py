@@ -126,7 +126,7 @@ def run_one(name: str, base: Path, experts: list[Path], out: Path, args) -> dict
             "input_gb": round(input_bytes / 1e9, 3),
             "input_gb_per_s": round(input_bytes / 1e9 / wall, 3),
             "bytes_read_gb": round((manifest.bytes_read + manifest.extra.get("global_trim", {}).get("scan_bytes_read", 0)) / 1e9, 3),
-            "stages_s": manifest.timings["stages"], "global_trim_s": manifest.timings.get("global_trim"),
+            "stages_s": manifest.timings["stages"], "prepass_s": manifest.timings.get("prepass"),
             "shards": len(shards)}
 
 

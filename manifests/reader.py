@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from manifests.schema import MANIFEST_JSON, Manifest
-from workers.tensor_io import join_url, open_fs
+from workers.storage import join_url, open_fs
 
 
 class ManifestError(ValueError):

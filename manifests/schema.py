@@ -7,10 +7,13 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+from workers.results import OutputFile
+from workers.tensor_io import INDEX_NAME
+
 FORMAT = "mergefleet-manifest/1"
 MANIFEST_JSON = "manifest.json"
 MANIFEST_PARQUET = "manifest.parquet"
-INDEX_JSON = "model.safetensors.index.json"
+INDEX_JSON = INDEX_NAME  # the HF weight index of a sharded model
 
 TENSOR_TABLE = pa.schema([
     ("name", pa.string()),
@@ -22,16 +25,6 @@ TENSOR_TABLE = pa.schema([
     ("sha256", pa.string()),
     ("method", pa.string()),  # merge method, or "copy" for tensors taken from the reference unmerged
 ])
-
-
-class OutputFile(BaseModel):
-    """One published file with its size and checksum."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    size: int
-    sha256: str
 
 
 class Manifest(BaseModel):

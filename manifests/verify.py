@@ -7,7 +7,8 @@ import hashlib
 import json
 
 from manifests.reader import ManifestError, read_manifest, read_tensor_table
-from workers.tensor_io import CheckpointError, join_url, open_fs, read_header
+from workers.storage import CheckpointError, join_url, open_fs
+from workers.tensor_io import read_header
 
 BLOCK = 8 * 1024 * 1024
 INDEX_SUFFIX = ".safetensors.index.json"  # model.safetensors.index.json and the like, in any folder

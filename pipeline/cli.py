@@ -28,13 +28,7 @@ def _cmd_plan(args) -> int:
     from pipeline.config import load_config
     from pipeline.planner import build_plan
 
-    config = load_config(args.config)
-    if config.merge_method == "twin":
-        from pipeline.twin_run import build_twin_plan
-
-        summary = build_twin_plan(config, output_url=args.output or "<output>").summary()
-    else:
-        summary = build_plan(config, output_url=args.output or "<output>").summary()
+    summary = build_plan(load_config(args.config), output_url=args.output or "<output>").summary()
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -86,7 +80,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_twin_train_router(args) -> int:
-    from pipeline.twin_run import train_twin_router
+    from twin.train import train_twin_router
 
     metrics = train_twin_router(args.output, args.data, epochs=args.epochs, seed=args.seed, lr=args.lr,
                                 batch_size=args.batch_size, val_fraction=args.val_fraction,
@@ -96,7 +90,7 @@ def _cmd_twin_train_router(args) -> int:
 
 
 def _cmd_twin_predict(args) -> int:
-    from pipeline.twin_run import load_tokenizer, load_twin, predict
+    from twin.load import load_tokenizer, load_twin, predict
 
     weights = None
     if args.weights is not None:

@@ -1,12 +1,10 @@
 """The merge config: mergekit's YAML format plus mergefleet's optional keys, validated once.
 
 An existing mergekit config for linear, task_arithmetic or ties works unchanged. Unknown keys
-are an error naming the key. Models are frozen pydantic models; derived defaults live in
-``resolve_method`` (and ``shared_merge_config`` for Twin-Merging) rather than in scattered fallbacks.
-
-``merge_method: twin`` takes its shared merge as a nested config under ``parameters.shared``
-(``{merge_method, parameters}``, default task arithmetic with λ = 0.29) plus the compression keys
-``rank`` | ``rank_ratio`` | ``energy`` and ``svd``; per-model weights and densities feed the shared merge.
+are an error naming the key. The keys under ``parameters:`` (top level and per model) belong to
+the method: they are validated through its registered parameter models (workers/methods/), so a
+key of another method says which method has it. ``resolve_method`` turns a config into the
+method's resolved options (every default filled).
 """
 
 from __future__ import annotations
@@ -18,24 +16,22 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from workers.methods import MethodOptions
+from workers.methods import (
+    ConfigError,
+    MethodOptions,
+    MethodParameters,
+    get_method,
+    model_owners_of,
+    validate_parameters,
+)
+from workers.methods.base import describe_errors
 from workers.tensor_io import DTYPE_ALIASES
 
-DEFAULT_DENSITY = 0.2  # SPEC.md: TIES keeps the top 20 % (mergekit's own default is 1.0: set it to match)
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3
 DEFAULT_PROCESS_RESERVE = "512MiB"  # a CPU worker with Python, torch, Ray and the compiled kernels: 0.2-0.5 GB
 DEFAULT_SHARD_BYTES = 1024**3
-TWIN_SHARED_LAMBDA = 0.29  # SPEC.md (Twin-Merging paper): λ of the task-arithmetic shared expert
-TWIN_DEFAULT_RANK_RATIO = 0.1  # SPEC.md: the paper's default rank as a fraction of min(m, n)
-TWIN_KEYS = ("shared", "rank", "rank_ratio", "energy", "svd")  # parameters only merge_method: twin takes
-
-
-class ConfigError(ValueError):
-    """The config is invalid; the message names the key and the fix."""
-
-
 def parse_bytes(value: Union[int, str]) -> int:
     """'4GB', '512MiB', '1e9' or an int -> bytes."""
     if isinstance(value, int):
@@ -52,55 +48,16 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
-class ModelParameters(_Frozen):
-    weight: float | None = None  # the model's weight in the merge (default 1.0)
-    density: float | None = Field(default=None, gt=0, le=1)  # TIES: fraction of |τ| kept
-
-    @field_validator("weight", "density", mode="before")
-    @classmethod
-    def _scalar(cls, value):
-        if isinstance(value, (list, dict)):
-            raise ValueError("gradient or filtered parameters (lists) are not supported; give one number")
-        return value
-
-
 class ModelEntry(_Frozen):
     model: str  # local directory or fsspec URL of a Hugging Face safetensors layout
-    parameters: ModelParameters = ModelParameters()
-
-
-class MergeParameters(_Frozen):
-    weight: float | None = None  # default weight for every model
-    density: float | None = Field(default=None, gt=0, le=1)  # default TIES density for every model
-    normalize: bool | None = None  # divide by Σ weights (linear, ties: true; task_arithmetic: false)
-    lam: float | None = Field(default=None, alias="lambda")  # λ on the merged task vector (default 1.0)
-    int8_mask: bool | None = None  # mergekit memory option; accepted, no effect (masks here are never materialised)
-    trim_scope: Literal["tensor", "global"] = "tensor"  # TIES threshold per tensor (mergekit) or per model (paper)
-    sign_method: Literal["sum", "count"] = "sum"  # TIES sign election by mass or by count
-    zero_sign: Literal["positive", "majority"] | None = None  # sign where the vote is 0 (tensor: positive, global: majority)
-    # Twin-Merging only (merge_method: twin)
-    shared: SharedMerge | None = None  # the merge that makes the shared expert θ* (default task_arithmetic, λ 0.29)
-    rank: int | None = Field(default=None, ge=1)  # fixed truncation rank of every 2-D exclusive tensor (capped at min(m, n))
-    rank_ratio: float | None = Field(default=None, gt=0, le=1)  # rank = max(1, int(ratio·min(m, n))) (default 0.1)
-    energy: float | None = Field(default=None, gt=0, le=1)  # smallest rank keeping this fraction of ‖v‖²_F
-    svd: Literal["auto", "exact", "randomized"] | None = None  # SVD algorithm (default auto: randomized for large matrices)
-
-
-class SharedMerge(_Frozen):
-    """Twin-Merging's shared expert: a plain merge of the same models, as a nested config."""
-
-    merge_method: Literal["linear", "task_arithmetic", "ties"] = "task_arithmetic"  # the merge that makes θ*
-    parameters: MergeParameters = Field(default_factory=lambda: MergeParameters())  # its parameters (task_arithmetic: λ defaults to 0.29 here)
-
-
-MergeParameters.model_rebuild()
+    parameters: SerializeAsAny[MethodParameters] = MethodParameters()  # the method's per-model keys (weight, density, ...)
 
 
 class MergeConfig(_Frozen):
-    merge_method: Literal["linear", "task_arithmetic", "ties", "twin"]  # the algorithm, as in mergekit (+ twin)
+    merge_method: str  # the algorithm, as in mergekit (+ twin): a name in workers.methods.REGISTRY
     models: tuple[ModelEntry, ...]  # experts (linear: every model averaged); at least one
     base_model: str | None = None  # θ₀; required for task_arithmetic and ties
-    parameters: MergeParameters = MergeParameters()
+    parameters: SerializeAsAny[MethodParameters] = MethodParameters()  # the method's top-level keys (workers/methods/)
     dtype: str | None = None  # output dtype (computation is always float32); default: the base's dtype
     out_dtype: str | None = None  # output dtype, overrides dtype
     output: str | None = None  # output URL (local dir, file://, s3://, gs://); --output overrides
@@ -110,6 +67,21 @@ class MergeConfig(_Frozen):
     process_reserve: Union[int, str] = DEFAULT_PROCESS_RESERVE  # part of memory_budget the worker process itself holds
     nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in a merged input: fail naming it, or merge anyway
     storage: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)  # fsspec storage options (endpoint_url, key, secret, client_kwargs, ...) over the environment's (AWS_*, FSSPEC_S3_*); never dumped, hashed or logged
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_parameters(cls, data):
+        """Validate `parameters:` and each model's through the method's parameter models."""
+        if not isinstance(data, dict) or not isinstance(data.get("merge_method"), str):
+            return data
+        method = get_method(data["merge_method"])
+        raw = data.get("parameters")
+        parameters = raw if isinstance(raw, MethodParameters) else validate_parameters(method, dict(raw or {}), "parameters")
+        per_model = method.model_parameters_for(parameters)
+        models = data.get("models")
+        if isinstance(models, (list, tuple)):
+            data = {**data, "models": [_model_entry(m, i, per_model, method.name) for i, m in enumerate(models)]}
+        return {**data, "parameters": parameters}
 
     @field_validator("models")
     @classmethod
@@ -152,30 +124,6 @@ class MergeConfig(_Frozen):
                              "the memory a worker process holds before any tensor; raise memory_budget")
         return self
 
-    @model_validator(mode="after")
-    def _twin_parameters(self):
-        p = self.parameters
-        given = [k for k in TWIN_KEYS if getattr(p, k) is not None]
-        if self.merge_method != "twin":
-            if given:
-                raise ValueError(f"parameters.{given[0]} is a Twin-Merging option; it needs merge_method: twin")
-            return self
-        defaults = type(p).model_fields
-        merge_keys = sorted(k for k in p.model_fields_set - set(TWIN_KEYS) if getattr(p, k) != defaults[k].default)
-        if merge_keys:
-            alias = {"lam": "lambda"}.get(merge_keys[0], merge_keys[0])
-            raise ValueError(f"parameters.{alias} of a twin run belongs to its shared merge; "
-                             f"move it to parameters.shared.parameters.{alias}")
-        if p.shared is not None:
-            nested = [k for k in TWIN_KEYS if getattr(p.shared.parameters, k) is not None]
-            if nested:
-                raise ValueError(f"parameters.shared.parameters.{nested[0]} is a Twin-Merging option; "
-                                 f"give it as parameters.{nested[0]} (the shared merge is a plain merge)")
-        rules = [k for k in ("rank", "rank_ratio", "energy") if getattr(p, k) is not None]
-        if len(rules) > 1:
-            raise ValueError(f"parameters {' and '.join(rules)} both set the twin rank; give one of rank, rank_ratio, energy")
-        return self
-
     @property
     def output_dtype(self) -> str | None:
         """The safetensors dtype name of the output, or None to keep each tensor's base dtype."""
@@ -198,59 +146,22 @@ class MergeConfig(_Frozen):
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of the validated config (output location excluded)."""
         data = self.model_dump(mode="json", by_alias=True, exclude={"output"})
-        for key in TWIN_KEYS:  # unset twin keys stay out, so other methods' hashes do not change
-            if data["parameters"].get(key) is None:
-                data["parameters"].pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def resolve_method(config: MergeConfig) -> MethodOptions:
-    """Fill every method default (mergekit's where it has one, SPEC.md's otherwise)."""
-    if config.merge_method == "twin":
-        shared = shared_merge_config(config)
-        if shared.merge_method != "linear" and not config.base_model:
-            raise ConfigError(f"merge_method twin with a {shared.merge_method} shared merge needs base_model: "
-                              "the pre-trained model the experts were tuned from")
-        return resolve_method(shared)
-    p = config.parameters
-    method = config.merge_method
-    if method != "linear" and not config.base_model:
-        raise ConfigError(f"merge_method {method} needs base_model: the pre-trained model the experts were tuned from")
-    if method == "linear" and config.base_model and config.base_model not in {m.model for m in config.models}:
-        raise ConfigError(
-            f"linear averages the listed models; base_model {config.base_model!r} is not among them and has no weight. "
-            "List it under models: with a weight, or drop base_model"
-        )
-    weights, densities = [], []
-    for m in config.models:
-        weight = _first(m.parameters.weight, p.weight, 1.0)
-        density = _first(m.parameters.density, p.density, DEFAULT_DENSITY) if method == "ties" else 1.0
-        weights.append(weight)
-        densities.append(density)
-    normalize = _first(p.normalize, method != "task_arithmetic")
-    if normalize and method != "ties" and sum(weights) == 0:
-        raise ConfigError("the model weights sum to 0, so normalize cannot divide by them; set normalize: false or change a weight")
-    zero_sign = _first(p.zero_sign, "majority" if p.trim_scope == "global" else "positive")
-    return MethodOptions(method=method, weights=tuple(weights), densities=tuple(densities), lam=_first(p.lam, 1.0),
-                         normalize=normalize, trim_scope=p.trim_scope, sign_method=p.sign_method, zero_sign=zero_sign)
+    """The config's method with every default filled (its registered object's ``resolve``)."""
+    return get_method(config.merge_method).resolve(config)
 
 
-def shared_merge_config(config: MergeConfig) -> MergeConfig:
-    """The plain merge config whose output is a twin run's shared expert θ*: the same models, base,
-    dtype, exclude, shards and memory budget, with ``parameters.shared``'s method and parameters
-    (task arithmetic: λ = 0.29 unless given). A linear shared merge takes no base model."""
-    if config.merge_method != "twin":
-        raise ConfigError(f"merge_method {config.merge_method} has no shared merge; only twin does")
-    shared = config.parameters.shared or SharedMerge()
-    parameters = shared.parameters
-    if shared.merge_method == "task_arithmetic" and parameters.lam is None:
-        parameters = parameters.model_copy(update={"lam": TWIN_SHARED_LAMBDA})
-    return config.model_copy(update={"merge_method": shared.merge_method, "parameters": parameters,
-                                     "base_model": config.base_model if shared.merge_method != "linear" else None})
-
-
-def _first(*values):
-    return next(v for v in values if v is not None)
+def _model_entry(entry, index: int, per_model: type[MethodParameters], method: str):
+    """A `models:` entry with its parameters validated by the method's per-model model."""
+    if not isinstance(entry, dict) or isinstance(entry.get("parameters"), MethodParameters):
+        return entry
+    try:
+        return {**entry, "parameters": per_model.model_validate(dict(entry.get("parameters") or {}))}
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc, f"models.{index}.parameters", method, model_owners_of)) from None
 
 
 def load_config(source: Union[str, Path, dict[str, Any]]) -> MergeConfig:

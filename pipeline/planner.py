@@ -3,6 +3,7 @@ in chunks of how many rows. The plan is deterministic for a given config and inp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -10,10 +11,13 @@ import math
 import re
 from dataclasses import asdict, dataclass
 
-from pipeline.config import DEFAULT_SHARD_BYTES, ConfigError, MergeConfig, parse_bytes, resolve_method
-from workers.methods import MethodOptions, bytes_per_element
-from workers.shard_task import ShardSpec, TensorTask
-from workers.tensor_io import FLOAT_DTYPES, ModelFiles, TensorInfo, itemsize, join_url, open_fs, resolve_model, rows_of
+from pipeline.config import DEFAULT_SHARD_BYTES, ConfigError, MergeConfig, parse_bytes
+from workers.compiled import compile_from_environment
+from workers.methods import MethodOptions, get_method, method_of
+from workers.methods.base import task_bytes_per_element
+from workers.specs import ShardSpec, TensorTask
+from workers.storage import Location, join_url, open_fs
+from workers.tensor_io import FLOAT_DTYPES, ModelFiles, TensorInfo, itemsize, resolve_model, rows_of
 
 LOG = logging.getLogger(__name__)
 
@@ -41,12 +45,20 @@ class ShardPlan:
 
     config_hash: str
     plan_hash: str
-    method: MethodOptions
-    output_url: str
+    method: MethodOptions  # the resolved method; method_of(method) is its registered object
+    output: Location  # the output root and its storage options (which also open the inputs)
     shards: tuple[ShardSpec, ...]
     inputs: tuple[InputSummary, ...]
     side_files_from: str  # model directory whose config.json / tokenizer files are copied
     ignored_tensors: tuple[str, ...]  # tensors present only in some experts, not in the reference
+
+    @property
+    def output_url(self) -> str:
+        return self.output.url
+
+    @property
+    def storage_options(self) -> dict:
+        return self.output.storage_options
 
     @property
     def tensors(self) -> list[TensorTask]:
@@ -63,6 +75,7 @@ class ShardPlan:
     def summary(self) -> dict:
         """A small JSON-able description for `mergefleet plan` and logs."""
         return {
+            **method_of(self.method).summary(self),
             "method": self.method.model_dump(),
             "config_hash": self.config_hash,
             "plan_hash": self.plan_hash,
@@ -166,72 +179,75 @@ def shard_groups(sizes: list[int], n_shards: int) -> list[list[int]]:
 
 
 def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_options: dict | None = None) -> ShardPlan:
-    """Read the headers of every input and plan the shards (no tensor data is read)."""
-    method = resolve_method(config)
-    output = output_url or config.output
-    if not output:
+    """Read the headers of every input and plan the shards (no tensor data is read). The output URL
+    and the storage options (``storage_options``, else the config's ``storage:``) are resolved here,
+    once, and travel in the plan."""
+    method = get_method(config.merge_method)
+    options = method.resolve(config)
+    url = output_url or config.output
+    if not url:
         raise ConfigError("no output: give `output:` in the config or --output URL")
-    opts = storage_options or dict(config.storage)  # explicit options win over the config's storage: section
-    expert_urls = [m.model for m in config.models]
-    experts = [resolve_model(u, storage_options=opts) for u in expert_urls]
-    if method.uses_base:
-        base = resolve_model(config.base_model, storage_options=opts)
-        inputs, reference = [base, *experts], base
-        summaries = [_summarize("base", base)] + [_summarize("expert", e) for e in experts]
-    else:  # linear: copies come from base_model when it is among the models, else the first model
-        urls = [m.model for m in config.models]
-        inputs, reference = experts, experts[urls.index(config.base_model) if config.base_model in urls else 0]
-        summaries = [_summarize("model", e) for e in experts]
-    excluded = [re.compile(p) for p in config.exclude]
-    budget = config.chunk_budget_bytes
-    tied = tied_copies(reference, _model_config(reference.url, opts))
-
-    tasks: list[TensorTask] = []
-    for name in sorted(reference.tensors, key=natural_key):
-        ref = reference.tensors[name]
-        infos = tuple(m.tensors.get(name) for m in inputs)
-        for model, info in zip(inputs, infos):
-            _check_input(name, ref, model.url, info, reference.url)
-        is_float = ref.dtype in FLOAT_DTYPES
-        out_dtype = (config.output_dtype or ref.dtype) if is_float else ref.dtype
-        merge = is_float and not any(p.search(name) for p in excluded)
-        sources = infos if merge else (ref,)
-        per_element = bytes_per_element(len(sources), max(itemsize(i.dtype) for i in sources), itemsize(out_dtype))
-        row_elements = max(1, math.prod(ref.shape[1:]))
-        chunk_rows = max(1, min(rows_of(ref.shape), budget // (per_element * row_elements)))
-        tasks.append(TensorTask(name, ref.shape, out_dtype, "merge" if merge else "copy", sources, chunk_rows,
-                                tied.get(name)))
-
+    output = Location(url, storage_options or dict(config.storage))
+    inputs, reference, summaries = _inputs(config, options, output.storage_options)
+    tied = tied_copies(reference, _model_config(reference.url, output.storage_options))
+    tasks = [_tensor_task(config, method, name, reference, inputs, tied.get(name))
+             for name in sorted(reference.tensors, key=natural_key)]
     ignored = sorted({n for m in inputs for n in m.tensors} - set(reference.tensors), key=natural_key)
     if ignored:
         LOG.warning("%d tensors exist in some inputs but not in %s and are not merged: %s", len(ignored),
                     reference.url, ignored[:10])
-
     if not tasks:
         raise ConfigError(f"{reference.url}: holds no tensors to merge")
     sizes = [_tensor_bytes(t) for t in tasks]
-    n_shards = _shard_count(config.shards, sum(sizes), len(tasks))
-    groups = shard_groups(sizes, n_shards)
+    groups = shard_groups(sizes, _shard_count(config.shards, sum(sizes), len(tasks)))
+    prefix = f"{method.output_dir}/" if method.output_dir else ""
+    compile_kernels = compile_from_environment()
     specs = tuple(
-        ShardSpec(i, f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", output, tuple(tasks[j] for j in group), method,
-                  opts, nan_policy=config.nan_policy,
-                  memory_bytes=config.process_reserve_bytes + chunk_memory([tasks[j] for j in group]))
+        ShardSpec(i, len(groups), f"{prefix}model-{i + 1:05d}-of-{len(groups):05d}.safetensors", output,
+                  tuple(tasks[j] for j in group), options, nan_policy=config.nan_policy,
+                  memory_bytes=config.process_reserve_bytes + max(
+                      method.tensor_memory(tasks[j], options, config.chunk_budget_bytes) for j in group),
+                  chunk_budget=config.chunk_budget_bytes, compile_kernels=compile_kernels)
         for i, group in enumerate(groups)
     )
     plan_hash = hashlib.sha256(json.dumps(
         {"config": config.config_hash(), "inputs": [s.files for s in summaries],
-         "shards": [[asdict(t) for t in s.tensors] for s in specs]},
+         "shards": [[s.file_name, [asdict(t) for t in s.tensors]] for s in specs]},
         sort_keys=True, default=str).encode()).hexdigest()
-    return ShardPlan(config.config_hash(), plan_hash, method, output, specs, tuple(summaries), reference.url, tuple(ignored))
+    return ShardPlan(config.config_hash(), plan_hash, options, output, specs, tuple(summaries), reference.url,
+                     tuple(ignored))
 
 
-def chunk_memory(tasks: list[TensorTask]) -> int:
-    """The most bytes one chunk of these tensors holds at once (a task's data working set)."""
-    peak = 0
-    for t in tasks:
-        per_element = bytes_per_element(len(t.inputs), max(itemsize(i.dtype) for i in t.inputs), itemsize(t.out_dtype))
-        peak = max(peak, per_element * t.chunk_rows * max(1, math.prod(t.shape[1:])))
-    return peak
+def _inputs(config: MergeConfig, options: MethodOptions, storage_options: dict):
+    """(models in input order, the reference model, their summaries): the base first when the
+    method reads one; otherwise (linear) copies come from base_model when it is among the models,
+    else from the first model."""
+    experts = [resolve_model(m.model, storage_options=storage_options) for m in config.models]
+    if options.uses_base:
+        base = resolve_model(config.base_model, storage_options=storage_options)
+        return [base, *experts], base, [_summarize("base", base)] + [_summarize("expert", e) for e in experts]
+    urls = [m.model for m in config.models]
+    reference = experts[urls.index(config.base_model) if config.base_model in urls else 0]
+    return experts, reference, [_summarize("model", e) for e in experts]
+
+
+def _tensor_task(config: MergeConfig, method, name: str, reference: ModelFiles, inputs: list[ModelFiles],
+                 tied_to: str | None) -> TensorTask:
+    """One tensor of the plan: checked in every input, merged or copied, in chunks that fit the budget."""
+    ref = reference.tensors[name]
+    infos = tuple(m.tensors.get(name) for m in inputs)
+    for model, info in zip(inputs, infos):
+        _check_input(name, ref, model.url, info, reference.url)
+    is_float = ref.dtype in FLOAT_DTYPES
+    out_dtype = (config.output_dtype or ref.dtype) if is_float else ref.dtype
+    merge = is_float and not any(re.search(p, name) for p in config.exclude)
+    task = TensorTask(name, ref.shape, out_dtype, "merge" if merge else "copy", infos if merge else (ref,), 1, tied_to)
+    budget = config.chunk_budget_bytes
+    if merge:
+        rows = method.chunk_rows(task, budget, config.process_reserve_bytes)
+    else:
+        rows = max(1, min(rows_of(ref.shape), budget // (task_bytes_per_element(task) * max(1, math.prod(ref.shape[1:])))))
+    return dataclasses.replace(task, chunk_rows=rows)
 
 
 def _shard_count(shards, total_bytes: int, n_tensors: int) -> int:

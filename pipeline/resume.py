@@ -13,8 +13,8 @@ from manifests import markers
 from manifests.reader import ManifestError, read_manifest
 from manifests.schema import MANIFEST_JSON, Manifest
 from pipeline.planner import ShardPlan
-from workers.shard_task import ShardResult
-from workers.tensor_io import join_url, open_fs
+from workers.results import ShardResult
+from workers.storage import Location
 
 LOG = logging.getLogger(__name__)
 
@@ -36,19 +36,19 @@ def plan_record(plan: ShardPlan) -> dict:
             "shards": [s.file_name for s in plan.shards]}
 
 
-def prepare_output(plan: ShardPlan, *, overwrite: bool, storage_options: dict) -> OutputState:
+def prepare_output(plan: ShardPlan, *, overwrite: bool) -> OutputState:
     """Decide whether this run starts fresh, resumes or is already complete; refuse a foreign output."""
-    url = plan.output_url
+    url, output = plan.output_url, plan.output
     try:
-        existing = read_manifest(url, storage_options=storage_options)
+        existing = read_manifest(url, storage_options=output.storage_options)
     except ManifestError:
         existing = None
-    record = markers.read_state(url, markers.PLAN_JSON, storage_options=storage_options)
+    record = markers.read_state(output, markers.PLAN_JSON)
     if overwrite:
         if existing is not None:
-            fs, path = open_fs(join_url(url, MANIFEST_JSON), storage_options)
+            fs, path = output.fs(MANIFEST_JSON)
             fs.rm(path)
-        markers.clear_state(url, storage_options=storage_options)
+        markers.clear_state(output)
         existing = record = None
     if existing is not None:
         if existing.config_hash == plan.config_hash:
@@ -62,23 +62,22 @@ def prepare_output(plan: ShardPlan, *, overwrite: bool, storage_options: dict) -
         if record["plan_hash"] != plan.plan_hash:
             raise OutputInUseError(f"{url} holds an unfinished run of this config over different inputs "
                                    "(a checkpoint changed since); pass --overwrite to start over")
-        done = _valid_markers(plan, storage_options)
+        done = _valid_markers(plan)
         LOG.info("resuming %s: %d of %d shards already done", url, len(done), len(plan.shards))
         return OutputState(done=done)
-    markers.write_state(url, markers.PLAN_JSON, plan_record(plan), storage_options=storage_options)
+    markers.write_state(output, markers.PLAN_JSON, plan_record(plan))
     return OutputState()
 
 
-def _valid_markers(plan: ShardPlan, storage_options: dict) -> dict[str, ShardResult]:
+def _valid_markers(plan: ShardPlan) -> dict[str, ShardResult]:
     """Markers of this plan's shards whose files are all still there with the recorded sizes."""
     names = {s.file_name for s in plan.shards}
-    fs, _ = open_fs(plan.output_url, storage_options)
 
     def intact(name: str, size: int) -> bool:
-        _, path = open_fs(join_url(plan.output_url, name), storage_options)
+        fs, path = plan.output.fs(name)
         return fs.exists(path) and fs.size(path) == size
 
-    return {name: result for name, result in markers.read_markers(plan.output_url, storage_options=storage_options).items()
+    return {name: result for name, result in markers.read_markers(plan.output).items()
             if name in names and all(intact(*file) for file in result.files())}
 
 
@@ -89,9 +88,10 @@ def output_status(url: str, *, storage_options: dict | None = None) -> dict:
         return {"state": "complete", "run_id": manifest.run_id, "config_hash": manifest.config_hash}
     except ManifestError:
         pass
-    record = markers.read_state(url, markers.PLAN_JSON, storage_options=storage_options)
+    output = Location(url, storage_options or {})
+    record = markers.read_state(output, markers.PLAN_JSON)
     if record is None:
         return {"state": "empty"}
-    done = set(markers.read_markers(url, storage_options=storage_options))
+    done = set(markers.read_markers(output))
     return {"state": "partial", "config_hash": record["config_hash"],
             "done": [s for s in record["shards"] if s in done], "missing": [s for s in record["shards"] if s not in done]}

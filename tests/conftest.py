@@ -31,6 +31,19 @@ def start_embedded_ray() -> None:
                  _temp_dir=tempfile.mkdtemp(prefix="mfray", dir="/tmp"))
 
 
+def two_node_cluster(prefix: str):
+    """A ``ray.cluster_utils.Cluster`` head (1 CPU) in a fresh temp dir; the caller adds the second node.
+    The Cluster records its address under Ray's default temp dir (/tmp/ray), which a machine that
+    never ran ``ray start`` does not have yet."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.makedirs(os.path.dirname(ray._private.utils.get_ray_address_file(None)), exist_ok=True)
+    return Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "temp_dir": tempfile.mkdtemp(prefix=prefix, dir="/tmp"),
+        "object_store_memory": 100 * 1024 * 1024})
+
+
 @pytest.fixture
 def ray_local():
     """The session's embedded Ray (started on first use, shared by every test)."""

@@ -1,4 +1,4 @@
-"""Test helpers: tiny checkpoints and plain references of SPEC.md's rules (trim, linear, task arithmetic, TIES)."""
+"""Test helpers: tiny checkpoints and plain references of docs/algorithms.md's rules (trim, linear, task arithmetic, TIES)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def read_output(out: Path) -> dict[str, torch.Tensor]:
 
 
 def trim_reference(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """SPEC.md per-tensor trim: keep the first int(density·numel) of a stable sort by (−|τ|, index)."""
+    """Per-tensor trim (docs/algorithms.md): keep the first int(density·numel) of a stable sort by (−|τ|, index)."""
     flat = tau.reshape(-1).tolist()
     n_keep = int(density * len(flat))
     order = sorted(range(len(flat)), key=lambda i: (-abs(flat[i]), i))[:n_keep]
@@ -49,7 +49,7 @@ def trim_reference(tau: torch.Tensor, density: float) -> torch.Tensor:
 def merge_reference(method: str, base: torch.Tensor | None, models: list[torch.Tensor], *, weights, densities=None,
                     lam: float = 1.0, normalize: bool | None = None, sign_method: str = "sum",
                     zero_sign: str = "positive", dtype=torch.float64) -> torch.Tensor:
-    """SPEC.md's linear / task arithmetic / per-tensor TIES on one tensor, in ``dtype``."""
+    """docs/algorithms.md's linear / task arithmetic / per-tensor TIES on one tensor, in ``dtype``."""
     shape = models[0].shape
     xs = [m.to(dtype).reshape(-1) for m in models]
     if method == "linear":

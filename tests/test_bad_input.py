@@ -14,7 +14,7 @@ from helpers import make_models
 from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main
-from workers import tensor_io
+from workers import storage
 
 
 @pytest.fixture
@@ -131,12 +131,12 @@ def test_missing_bucket(tmp_path, capsys, models, s3_server):
 
 def test_unreachable_endpoint(tmp_path, capsys, models, monkeypatch):
     base, experts = models
-    monkeypatch.setattr(tensor_io, "READ_ATTEMPTS", 2)
-    monkeypatch.setattr(tensor_io, "BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr(storage, "READ_ATTEMPTS", 2)
+    monkeypatch.setattr(storage, "BACKOFF_SECONDS", 0.01)
     url = "s3://mf-bucket/experts/e0"
-    storage = {"endpoint_url": "http://127.0.0.1:9", "key": "AKIDUNREACHABLE", "secret": "do-not-print-me",
-               "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
-    err = run_cli(tmp_path, capsys, _config(base, [url, *experts[1:]], tmp_path / "out", storage=storage))
+    unreachable = {"endpoint_url": "http://127.0.0.1:9", "key": "AKIDUNREACHABLE", "secret": "do-not-print-me",
+                   "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    err = run_cli(tmp_path, capsys, _config(base, [url, *experts[1:]], tmp_path / "out", storage=unreachable))
     assert url in err and "after 2 attempts" in err and "endpoint" in err
     assert "do-not-print-me" not in err
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import start_embedded_ray
+from conftest import start_embedded_ray, two_node_cluster
 from helpers import make_models
-from ray.cluster_utils import Cluster
 
 from manifests.verify import verify_output
 from pipeline.config import load_config
@@ -30,9 +28,7 @@ def _shas(out):
 def test_two_node_cluster_matches_embedded(tmp_path):
     base, experts, *_ = make_models(tmp_path / "in", seed=11)
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "temp_dir": tempfile.mkdtemp(prefix="mfcl", dir="/tmp"),
-        "object_store_memory": 100 * 1024 * 1024})
+    cluster = two_node_cluster("mfcl")
     try:
         cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
         cluster.wait_for_nodes()

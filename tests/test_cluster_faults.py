@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 import time
 
 import pyarrow.parquet as pq
 import pytest
 import ray
-from conftest import start_embedded_ray
+from conftest import start_embedded_ray, two_node_cluster
 from helpers import make_models
-from ray.cluster_utils import Cluster
 
 from manifests.verify import verify_output
 from pipeline.config import load_config
@@ -34,9 +32,7 @@ def test_worker_node_killed_mid_run(tmp_path, monkeypatch):
     shapes = {f"layers.{i}.weight": (512, 256) for i in range(16)}
     base, experts, *_ = make_models(tmp_path / "in", shapes=shapes, seed=4)
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "temp_dir": tempfile.mkdtemp(prefix="mfkn", dir="/tmp"),
-        "object_store_memory": 100 * 1024 * 1024})
+    cluster = two_node_cluster("mfkn")
     killed = []
     try:
         worker = cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)

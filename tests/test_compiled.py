@@ -6,20 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers import compiled, linear, selection, ties
+from workers.compiled import COMPILE_MIN_ELEMENTS, Compiler
+from workers.kernels import linear, selection, ties
 
 
 @pytest.fixture(scope="module")
 def chunk():
     g = torch.Generator().manual_seed(0)
-    n, t = compiled.COMPILE_MIN_ELEMENTS // 3 + 1, 3  # T·N just above the compile threshold
+    n, t = COMPILE_MIN_ELEMENTS // 3 + 1, 3  # T·N just above the compile threshold
     base = torch.randn(n, generator=g).bfloat16()
     noise = torch.randn(t, n, generator=g) * 0.01 * (torch.rand(t, n, generator=g) < 0.5)
     return base, (base.float() + noise).bfloat16()
 
 
 def _both(kernel, *args, numel, **kwargs):
-    return kernel(*args, **kwargs), compiled.run(kernel, *args, numel=numel, **kwargs)
+    return kernel(*args, **kwargs), Compiler().run(kernel, *args, numel=numel, **kwargs)
 
 
 @pytest.mark.parametrize("sign_by_count,normalize", [(False, True), (True, False)])
@@ -57,7 +58,7 @@ def test_run_into_writes_the_kernel_result_into_a_reused_buffer(chunk):
     base, experts = chunk
     eager = selection.low_bucket_ids(base, experts, torch.tensor([15300, 15310, 15320], dtype=torch.int32))
     buffer = torch.full((experts.numel() + 7,), -5, dtype=torch.int32)
-    out = compiled.run_into(selection.low_bucket_ids, buffer[: experts.numel()].view(experts.shape), base, experts,
+    out = Compiler().run_into(selection.low_bucket_ids, buffer[: experts.numel()].view(experts.shape), base, experts,
                             torch.tensor([15300, 15310, 15320], dtype=torch.int32), numel=experts.numel())
     assert out.data_ptr() == buffer.data_ptr()
     assert torch.equal(out, eager)

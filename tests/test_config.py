@@ -1,4 +1,4 @@
-"""Config parsing: mergekit's YAML forms, SPEC.md defaults, and errors that name the key."""
+"""Config parsing: mergekit's YAML forms, docs/algorithms.md defaults, and errors that name the key."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""Per-tensor TIES, task arithmetic and linear through the real shard path, against references from SPEC.md.
+"""Per-tensor TIES, task arithmetic and linear through the real shard path, against references from docs/algorithms.md.
 
 Each test writes tiny safetensors checkpoints under a temporary directory, plans the merge with
 ``pipeline.planner.build_plan`` and runs every shard with ``workers.shard_task.run_shard`` (no Ray),
 then reads the output with safetensors.
 
-Two references, both written from SPEC.md and not from the implementation:
+Two references, both written from docs/algorithms.md and not from the implementation:
 
 * ``merge_reference(..., torch.float64)``: the plain float64 rules. For the comparison to be exact up
   to the final roundings, the float64 tests use "grid" inputs: base values k/64 and task vectors j/256
@@ -12,7 +12,7 @@ Two references, both written from SPEC.md and not from the implementation:
   the trim and the elected signs cannot depend on the precision; only the final divide, λ· and θ₀+
   round, which bounds |float32 − float64| by a few float32 ulps of |θ₀| + |λ·τ_m|.
 * ``merge_reference(..., torch.float32)``: the same rules evaluated in float32 with the summation
-  order SPEC.md writes (experts in config order, left to right, starting from 0). With that order
+  order docs/algorithms.md writes (experts in config order, left to right, starting from 0). With that order
   every operation is the same IEEE float32 operation the pipeline must do, so outputs must be
   bit-identical (checked with ``torch.equal`` on arbitrary Gaussian inputs).
 """
@@ -323,7 +323,7 @@ def test_task_arithmetic(tmp_path, weights, lam, normalize):
     params = {"lambda": lam} if lam != 1.0 else {}
     if normalize is not None:
         params["normalize"] = normalize
-    opts = dict(weights=weights, lam=lam, normalize=bool(normalize))  # SPEC.md: normalize defaults to false here
+    opts = dict(weights=weights, lam=lam, normalize=bool(normalize))  # docs/algorithms.md: normalize defaults to false here
     for kind, make in (("gaussian", gaussian_models), ("grid", grid_models)):
         base, experts = make(len(weights), seed=len(weights))
         base_dir, expert_dirs = write_inputs(tmp_path / kind, base, experts)
@@ -357,7 +357,7 @@ def test_linear(tmp_path, weights, normalize):
 
 
 def test_linear_base_model_among_models_is_averaged(tmp_path):
-    """SPEC.md: a base_model given to linear is averaged in like any other model, with its weight."""
+    """docs/algorithms.md: a base_model given to linear is averaged in like any other model, with its weight."""
     base, experts = gaussian_models(2, seed=21)
     base_dir, expert_dirs = write_inputs(tmp_path, base, experts)
     cfg = make_config("linear", None, [expert_dirs[0], base_dir, expert_dirs[1]], tmp_path / "out",
@@ -472,7 +472,7 @@ def test_zero_dim_and_empty_tensors(tmp_path):
 
 
 def test_default_density_is_spec_default(tmp_path):
-    """No density anywhere: SPEC.md's 0.2 (not mergekit's 1.0)."""
+    """No density anywhere: docs/algorithms.md's 0.2 (not mergekit's 1.0)."""
     base, experts = gaussian_models(2, seed=14)
     base_dir, expert_dirs = write_inputs(tmp_path, base, experts)
     merged, plan = run_pipeline(make_config("ties", base_dir, expert_dirs, tmp_path / "out", dtype="float32"))

@@ -14,12 +14,12 @@ from helpers import make_models, merge_reference
 from safetensors.torch import load
 
 from manifests.verify import verify_output
-from manifests.writer import AlreadyPublishedError, atomic_put
+from workers.storage import AlreadyPublishedError, atomic_put
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.coordinator import run_merge
 from pipeline.planner import build_plan
-from workers import tensor_io
+from workers import storage, tensor_io
 from workers.tensor_io import CheckpointError, RangeReader, resolve_model
 
 pytestmark = pytest.mark.usefixtures("s3_server", "ray_local")  # the server first: Ray's workers take its env
@@ -140,10 +140,10 @@ def test_transient_errors_are_told_apart():
     for exc in [_client_error("SlowDown", 503), _client_error("InternalError", 500), TimeoutError("t"),
                 ReadTimeoutError(endpoint_url="http://x"), EndpointConnectionError(endpoint_url="http://x"),
                 ConnectionResetError()]:
-        assert tensor_io.is_transient(exc), exc
+        assert storage.is_transient(exc), exc
     for exc in [_client_error("NoSuchKey", 404), _client_error("AccessDenied", 403), FileNotFoundError("f"),
                 PermissionError("p"), _client_error("InvalidRange", 416), CheckpointError("c"), ValueError("v")]:
-        assert not tensor_io.is_transient(exc), exc
+        assert not storage.is_transient(exc), exc
 
 
 def test_missing_bucket_is_a_clear_error(s3_server):
@@ -159,7 +159,7 @@ def test_large_reads_are_chunked_and_retried(s3_server, tmp_path, monkeypatch):
     base_url, *_ = _upload(s3_server, tmp_path, "mf-chunks")
     info = resolve_model(base_url).tensors["b.weight"]
     monkeypatch.setattr(tensor_io, "REMOTE_CHUNK_BYTES", 100)
-    monkeypatch.setattr(tensor_io, "BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr(storage, "BACKOFF_SECONDS", 0.01)
     reader = RangeReader()
     fs, _ = reader._open(info.file_url)
     calls, real_cat = [], fs.cat_file

@@ -1,6 +1,6 @@
 """Exact order statistics from float-bit histograms, and the per-tensor top-n trim, against plain references.
 
-The references here are written from SPEC.md: the k-th value is ``torch.kthvalue`` of the flattened
+The references here are written from docs/algorithms.md: the k-th value is ``torch.kthvalue`` of the flattened
 |x|; a per-tensor trim keeps exactly n_keep = int(density · numel) largest |τ|, ties at the
 threshold broken by lowest flat index, i.e. the first n_keep entries of a stable sort by (−|τ|, index).
 """
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from helpers import trim_reference
-from workers import selection, ties
-from workers.selection import TrimRule
+from workers.kernels import selection, ties
+from workers.kernels.selection import TrimRule
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,4 +1,4 @@
-"""pipeline/twin_inference.py and workers/peft_export.py on a tiny random BertModel.
+"""twin/inference.py and workers/kernels/peft_export.py on a tiny random BertModel.
 
 Batched per-sample Twin inference is checked against dense per-sample reconstruction in float64;
 the exported LoRA adapter is loaded by peft and checked against Twin's fixed-weights mode.
@@ -17,10 +17,10 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from pipeline.twin_inference import TwinModel  # noqa: E402
-from pipeline.twin_router import Router, mean_pool  # noqa: E402
-from workers.peft_export import embedding_module_paths, export_lora_adapter, lora_coverage  # noqa: E402
-from workers.twin import factorize  # noqa: E402
+from twin.inference import TwinModel  # noqa: E402
+from twin.router import Router, mean_pool  # noqa: E402
+from workers.kernels.peft_export import embedding_module_paths, export_lora_adapter, lora_coverage  # noqa: E402
+from workers.kernels.twin import factorize  # noqa: E402
 
 EXPERTS = ["sst2", "qnli", "mnli"]
 FACTORED = {  # tensor name -> rank per expert (0: that expert has no factors for it)

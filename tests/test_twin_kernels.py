@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from workers import twin
-from workers.twin import Factors, choose_rank, compress_exclusive, exclusive, factorize
+from workers.kernels import twin
+from workers.kernels.twin import Factors, choose_rank, compress_exclusive, exclusive, factorize
 
 
 def _generator(seed: int = 0) -> torch.Generator:

@@ -24,9 +24,10 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, load_config
 from pipeline.coordinator import run_merge
 from pipeline.samples import build_sample_models, write_model
-from pipeline.twin_run import build_twin_plan, load_twin
-from workers.twin import factorize
-from workers.twin_task import expert_names
+from pipeline.planner import build_plan
+from twin.load import load_twin
+from workers.kernels.twin import factorize
+from workers.methods.twin import expert_names
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,7 +60,7 @@ def llama(tmp_path_factory):
     outs = {name: root / name for name in ("many", "chunked", "plain", "default")}
     run_merge(_twin_config(base, experts, outs["many"], FULL_RANK, shards=3), progress=False)
     chunked = _twin_config(base, experts, outs["chunked"], FULL_RANK, shards=1, memory_budget=1_000_000, process_reserve=0)
-    assert any(s["chunked"] for s in build_twin_plan(chunked).summary()["shards"])  # matrices arrive in row chunks
+    assert any(s["chunked"] for s in build_plan(chunked).summary()["shards"])  # matrices arrive in row chunks
     run_merge(chunked, progress=False)
     run_merge(load_config({"merge_method": "task_arithmetic", "base_model": str(base), "output": str(outs["plain"]),
                            "models": [{"model": str(e)} for e in experts], "parameters": {"lambda": 0.29}}),
@@ -211,7 +212,7 @@ def test_twin_config_and_memory_errors(tmp_path, llama):
     assert ties.parameters.shared.merge_method == "ties"
     too_small = _twin_config(llama.base, llama.experts, tmp_path / "out", memory_budget=200_000, process_reserve=0)
     with pytest.raises(ConfigError, match=r"lm_head.weight.*512×64.*raise memory_budget to at least \d+"):
-        build_twin_plan(too_small)
+        build_plan(too_small)
     assert main(["plan", "--json", str(_write_yaml(tmp_path, too_small.model_copy(update={"memory_budget": "64MB"})))]) == 0
 
 
@@ -324,13 +325,13 @@ def test_interrupted_twin_run_resumes_only_missing_shards(tmp_path, llama):
     files) and the output is the same, byte for byte, as an uninterrupted run's."""
     import ray
 
+    from pipeline.ray_tasks import MergeShard, submit
     from pipeline.resume import prepare_output
-    from workers.ray_tasks import submit
 
     config = _twin_config(llama.base, llama.experts, tmp_path / "out", FULL_RANK, shards=3)
-    twin = build_twin_plan(config)
-    prepare_output(twin.plan, overwrite=False, storage_options={})  # the plan record, as a run writes it first
-    ray.get(submit("twin", twin.plan.shards[1], twin.options, use_gpu=False, memory_bytes=0))
+    plan = build_plan(config)
+    prepare_output(plan, overwrite=False)  # the plan record, as a run writes it first
+    ray.get(submit(MergeShard(plan.shards[1]), use_gpu=False))
     assert main(["status", str(tmp_path / "out")]) == 0
     manifest = run_merge(config, progress=False)
     assert manifest.timings["resumed_shards"] == 1

@@ -1,4 +1,4 @@
-"""pipeline/twin_router.py: data split, MiniLM features offline, router training and storage."""
+"""twin/router.py: data split, MiniLM features offline, router training and storage."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from pipeline.twin_router import (  # noqa: E402
+from twin.router import (  # noqa: E402
     ROUTER_CONFIG_FILE,
     ROUTER_WEIGHTS_FILE,
     Example,

@@ -2,11 +2,15 @@
 
 Kernels are written so that the eager and compiled forms compute the same float32 operations in
 the same order and give the same bytes (tests check it). Small chunks run eagerly, so tests and tiny
-tensors never pay compile time. ``MERGEFLEET_COMPILE=0`` turns compilation off.
+tensors never pay compile time. Whether to compile is decided once, at the edge (the plan carries
+it: ``MERGEFLEET_COMPILE=0`` in the coordinator's environment turns it off), and each shard task
+builds its own ``Compiler`` from that choice: a compile failure in one task runs that task's
+kernels eagerly and leaves every later task free to try again.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -15,25 +19,50 @@ import torch
 LOG = logging.getLogger(__name__)
 
 COMPILE_MIN_ELEMENTS = 1 << 20  # below this, eager beats a (possibly cold) compiled kernel
-_COMPILED: dict = {}
-_INTO: dict = {}
 
 
-def compile_enabled() -> bool:
+def compile_from_environment() -> bool:
+    """The edge's choice: compile unless ``MERGEFLEET_COMPILE=0``."""
     return os.environ.get("MERGEFLEET_COMPILE", "1") != "0"
 
 
-def run(kernel, *args, numel: int, **kwargs):
-    """Call ``kernel`` compiled when the chunk is large and compilation works, else eagerly."""
-    if compile_enabled() and numel >= COMPILE_MIN_ELEMENTS:
-        try:
-            if kernel not in _COMPILED:
-                _COMPILED[kernel] = torch.compile(kernel, dynamic=True)
-            return _COMPILED[kernel](*map(_plain, args), **kwargs)
-        except Exception as exc:  # no C++ compiler or Triton on this node: same math, eagerly
-            LOG.warning("torch.compile of %s failed (%s); running eagerly", kernel.__name__, exc)
-            os.environ["MERGEFLEET_COMPILE"] = "0"
-    return kernel(*args, **kwargs)
+class Compiler:
+    """Runs kernels for one task: compiled for chunks of at least ``min_elements``, else eagerly."""
+
+    def __init__(self, enabled: bool = True, *, min_elements: int = COMPILE_MIN_ELEMENTS):
+        self.enabled = enabled
+        self.min_elements = min_elements
+        self._compiled: dict = {}
+
+    def run(self, kernel, *args, numel: int, **kwargs):
+        """Call ``kernel`` compiled when the chunk is large and compilation works, else eagerly."""
+        if self.enabled and numel >= self.min_elements:
+            try:
+                if kernel not in self._compiled:
+                    self._compiled[kernel] = torch.compile(kernel, dynamic=True)
+                return self._compiled[kernel](*map(_plain, args), **kwargs)
+            except Exception as exc:  # no C++ compiler or Triton on this node: same math, eagerly
+                LOG.warning("torch.compile of %s failed (%s); this task runs its kernels eagerly", kernel.__name__, exc)
+                self.enabled = False
+        return kernel(*args, **kwargs)
+
+    def run_into(self, kernel, out: torch.Tensor, *args, numel: int, **kwargs) -> torch.Tensor:
+        """``run`` that writes the kernel's result into ``out`` (a reused buffer, see workers/buffers.py)
+        instead of a fresh allocation; compiled, the result is computed straight into ``out``."""
+        return self.run(into_kernel(kernel), out, *args, numel=numel, **kwargs)
+
+
+@functools.cache
+def into_kernel(kernel):
+    """``out.copy_(kernel(...))`` as a kernel of its own, the same function object for the same
+    kernel: dynamo keeps compiled graphs (and its recompile limit) per code object, so every task
+    of a process reuses the graphs compiled for one kernel."""
+    def into(out, *args, **kwargs):
+        return out.copy_(kernel(*args, **kwargs))
+
+    into.__code__ = into.__code__.replace(co_name=f"{kernel.__name__}_into")
+    into.__name__ = into.__code__.co_name
+    return into
 
 
 def _plain(arg):
@@ -43,17 +72,3 @@ def _plain(arg):
     if not isinstance(arg, torch.Tensor) or arg._base is None:
         return arg
     return arg.new_empty(0).set_(arg.untyped_storage(), arg.storage_offset(), arg.shape, arg.stride())
-
-
-def run_into(kernel, out: torch.Tensor, *args, numel: int, **kwargs) -> torch.Tensor:
-    """``run`` that writes the kernel's result into ``out`` (a reused buffer, see workers/buffers.py)
-    instead of a fresh allocation; compiled, the result is computed straight into ``out``."""
-    if kernel not in _INTO:
-        def into(out, *args, **kwargs):
-            return out.copy_(kernel(*args, **kwargs))
-
-        # dynamo keeps compiled graphs (and its recompile limit) per code object: one per kernel
-        into.__code__ = into.__code__.replace(co_name=f"{kernel.__name__}_into")
-        into.__name__ = into.__code__.co_name
-        _INTO[kernel] = into
-    return run(_INTO[kernel], out, *args, numel=numel, **kwargs)

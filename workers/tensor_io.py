@@ -11,19 +11,27 @@ at once with a CheckpointError naming the URL and the fix.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import logging
 import os
 import struct
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
 import torch
+
+from workers.results import WrittenTensor
+from workers.storage import (
+    STORAGE_FIX,
+    CheckpointError,
+    is_local,
+    join_url,
+    open_fs,
+    storage_errors,
+    with_retries,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -32,11 +40,6 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REMOTE_CHUNK_BYTES = 64 * 1024 * 1024  # largest single ranged GET; bigger reads are split
-READ_ATTEMPTS = 5  # tries of one remote call before a transient error is final
-BACKOFF_SECONDS = 0.5  # wait before the first retry; doubles each time, capped below
-BACKOFF_MAX_SECONDS = 8.0
-STORAGE_FIX = ("check the URL, that the bucket exists, the endpoint (AWS_ENDPOINT_URL or storage.endpoint_url) "
-               "and the credentials (AWS_* or the config's storage: section)")
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -63,109 +66,9 @@ DTYPE_ALIASES = {
 }
 
 
-class CheckpointError(ValueError):
-    """An input checkpoint is unusable; the message names the file, the tensor and the fix."""
-
-
 def itemsize(dtype: str) -> int:
     """Bytes per element of a safetensors dtype name."""
     return torch.empty((), dtype=DTYPES[dtype]).element_size()
-
-
-def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The one entry point to storage: (filesystem, path) for any fsspec URL or local path."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as exc:  # unknown scheme, backend not installed
-        raise CheckpointError(f"{url}: cannot open this URL ({exc}); check the scheme, or install its fsspec "
-                              "backend (s3fs for s3://, gcsfs for gs://)") from exc
-    return fs, path
-
-
-_TRANSIENT_TYPES = {  # by class name, so no backend has to be imported to recognise its errors
-    "FSTimeoutError", "HTTPClientError", "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
-    "ConnectTimeoutError", "ResponseStreamingError", "IncompleteRead", "ClientPayloadError",
-    "ClientConnectionError", "ServerDisconnectedError", "ServerTimeoutError", "ResponseParserError",
-}
-_STORAGE_TYPES = _TRANSIENT_TYPES | {"BotoCoreError", "ClientError", "HttpError", "NoCredentialsError"}
-_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
-                     errno.ECONNREFUSED, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EREMOTEIO}
-
-
-def _type_names(exc: BaseException) -> set[str]:
-    return {c.__name__ for c in type(exc).__mro__}
-
-
-def _http_status(exc: BaseException) -> int | None:
-    """The HTTP status behind a storage error (botocore response, aiohttp / gcsfs status), if any."""
-    for e in (exc, exc.__cause__, exc.__context__):
-        response = getattr(e, "response", None)
-        if isinstance(response, dict):
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if isinstance(status, int):
-                return status
-        for attr in ("status", "code"):
-            status = getattr(e, attr, None)
-            if isinstance(status, int) and 100 <= status < 600:
-                return status
-    return None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """A storage error worth retrying: a timeout, a dropped or refused connection, throttling, a 5xx.
-    Never a missing file, denied access, a bad request or corrupt data."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-                        FileExistsError, CheckpointError)):
-        return False
-    if isinstance(exc, (TimeoutError, ConnectionError)) or _type_names(exc) & _TRANSIENT_TYPES:
-        return True
-    status = _http_status(exc)
-    if status is not None:
-        return status >= 500 or status in (408, 429)
-    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
-
-
-def with_retries(what: str, call, *args, **kwargs):
-    """``call(*args, **kwargs)``, retried on transient storage errors: READ_ATTEMPTS tries, waiting
-    BACKOFF_SECONDS, then twice as long each time up to BACKOFF_MAX_SECONDS. ``what`` names the
-    object in the log (a URL: never credentials)."""
-    for attempt in range(1, READ_ATTEMPTS + 1):
-        try:
-            return call(*args, **kwargs)
-        except Exception as exc:
-            if attempt >= READ_ATTEMPTS or not is_transient(exc):
-                raise
-            wait = min(BACKOFF_MAX_SECONDS, BACKOFF_SECONDS * 2 ** (attempt - 1))
-            LOG.warning("%s: %s: %s; retry %d of %d in %.1f s", what, type(exc).__name__, exc, attempt,
-                        READ_ATTEMPTS - 1, wait)
-            time.sleep(wait)
-
-
-@contextlib.contextmanager
-def storage_errors(url: str, what: str = ""):
-    """Turn a storage failure inside the block into a CheckpointError naming ``url`` and the fix."""
-    try:
-        yield
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        if not (isinstance(exc, OSError) or _type_names(exc) & _STORAGE_TYPES):
-            raise
-        doing = f" reading {what}" if what else ""
-        if isinstance(exc, FileNotFoundError):
-            raise CheckpointError(f"{url}: not found{doing} ({exc}); {STORAGE_FIX}") from exc
-        if isinstance(exc, PermissionError) or _http_status(exc) in (401, 403):
-            raise CheckpointError(f"{url}: access denied{doing} ({exc}); check the credentials "
-                                  "(AWS_* or the config's storage: section) and the bucket policy") from exc
-        tries = f" after {READ_ATTEMPTS} attempts" if is_transient(exc) else ""
-        unreachable = isinstance(exc, ConnectionError) or _type_names(exc) & {"EndpointConnectionError", "ConnectTimeoutError"}
-        failed = "storage endpoint unreachable" if unreachable else "storage failed"
-        raise CheckpointError(f"{url}: {failed}{doing}{tries} ({type(exc).__name__}: {exc}); {STORAGE_FIX}") from exc
-
-
-def join_url(base: str, *parts: str) -> str:
-    """Join URL segments with '/', keeping the scheme of ``base``."""
-    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
 @dataclass(frozen=True)
@@ -410,12 +313,6 @@ class RangeReader:
         self._local_files.clear()
 
 
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether ``fs`` is the local filesystem (paths are real files: rename, link, pread work)."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
 def _prod(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -441,18 +338,6 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, offsets
-
-
-@dataclass(frozen=True)
-class WrittenTensor:
-    """One tensor as written: where it sits in its file and the sha256 of its bytes."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
-    nbytes: int
-    sha256: str
 
 
 class ShardWriter:

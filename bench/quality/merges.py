@@ -30,7 +30,7 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Grid:
-    """Validation grids (SPEC / QUALITY.md: none of them contains plain averaging)."""
+    """Validation grids (none of them contains plain averaging)."""
 
     ta_lambdas: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
     ties_lambdas: tuple[float, ...] = (0.6, 0.8, 1.0, 1.2, 1.4)
@@ -129,7 +129,8 @@ def run_twin(experts: dict[str, Path], tasks: dict[str, TaskData], scorer: Score
     """Twin-Merging through the pipeline: twin run, router on training texts, dynamic inference."""
     from pipeline.config import load_config
     from pipeline.coordinator import run_merge
-    from pipeline.twin_run import load_twin, train_twin_router
+    from twin.load import load_twin
+    from twin.train import train_twin_router
 
     output = work / "twin"
     config = {"merge_method": "twin", "base_model": str(base_dir()), "dtype": "float32", "output": str(output),

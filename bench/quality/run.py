@@ -71,7 +71,7 @@ QUICK = Options(seeds=(0,), epochs=3, limit=(120, 40, 80), grid=QUICK_GRID)
 
 def twin_available() -> bool:
     try:
-        import pipeline.twin_run  # noqa: F401
+        import twin.load  # noqa: F401
     except ImportError:
         return False
     return True
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "ray", "pipeline", "workers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("workers.peft_export").setLevel(logging.ERROR)  # BERT's 1-D deltas are not in the PEFT adapter (TwinModel applies them)
+    logging.getLogger("workers.kernels.peft_export").setLevel(logging.ERROR)  # BERT's 1-D deltas are not in the PEFT adapter (TwinModel applies them)
     torch.set_num_threads(args.threads)
     opts = QUICK if args.quick else Options()
     changes = {"keep_models": args.keep_models}
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         changes["epochs"] = args.epochs
     if args.no_twin or not twin_available():
         if not args.no_twin:
-            LOG.warning("pipeline.twin_run is not available: Twin-Merging rows skipped")
+            LOG.warning("twin.load is not available: Twin-Merging rows skipped")
         changes["twin"] = False
     result = run(dataclasses.replace(opts, **changes), args.out)
     print(result["table"])

@@ -3,7 +3,7 @@
 Tensors in, tensors out, no I/O. A 2-D exclusive tensor v (m×n) is stored as factors
 B = U_r Σ_r (m×r) and A = V_rᵀ (r×n), never as the dense product.
 
-Choices this module makes (SPEC "Twin-Merging", step 3):
+Choices this module makes (docs/algorithms.md §5.3–5.4):
 
 - **Rank.** Exactly one of ``rank`` (fixed, capped at min(m, n)), ``rank_ratio``
   (r = max(1, int(ratio · min(m, n))), rounded down like ``int(density · numel)`` in TIES) or

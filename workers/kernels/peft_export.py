@@ -37,7 +37,7 @@ from collections.abc import Collection, Iterable, Mapping
 import torch
 from torch import nn
 
-from workers.twin import Factors
+from workers.kernels.twin import Factors
 
 LOG = logging.getLogger(__name__)
 

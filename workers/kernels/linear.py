@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.ties import sum_in_order
+from workers.kernels.ties import sum_in_order
 
 
 def task_arithmetic_merge(base, experts, weights, lam, divisor, *, out_dtype: torch.dtype):

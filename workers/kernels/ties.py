@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.selection import TrimRule
+from workers.kernels.selection import TrimRule
 
 ALL_TIES = 1 << 62
 

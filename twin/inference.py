@@ -1,4 +1,4 @@
-"""Twin-Merging dynamic inference (SPEC "Twin-Merging", step 5).
+"""Twin-Merging dynamic inference (docs/algorithms.md §5.8).
 
 ``TwinModel`` wraps the shared model θ* (a torch module, e.g. a transformers model loaded from
 the merged checkpoint) and applies, per sample, θ(x) = θ* + Σ_t w_t(x) · v_t without ever building
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.twin_router import Router, last_hidden_state, mean_pool
-from workers.twin import Factors
+from twin.router import Router, last_hidden_state, mean_pool
+from workers.kernels.twin import Factors
 
 Mode = Literal["router", "hard", "fixed"]
 FactorPair = tuple[torch.Tensor, torch.Tensor] | Factors

@@ -1,4 +1,4 @@
-"""Twin-Merging router (SPEC "Twin-Merging", step 4): data split, features, MLP, training, storage.
+"""Twin-Merging router (docs/algorithms.md §5.7): data split, features, MLP, training, storage.
 
 - Data: JSONL lines ``{"text": ..., "task": ...}``. ``split_examples`` makes train / validation
   / test splits that share no text: duplicate texts with one task are kept once, texts seen with

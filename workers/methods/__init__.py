@@ -1,0 +1,55 @@
+"""The merge-method registry: every method is one registered object (workers/methods/base.py).
+
+Adding a method is one module defining its object plus one line in ``REGISTRY`` below.
+"""
+
+from __future__ import annotations
+
+from workers.methods.base import ConfigError, MergeMethod, MethodOptions, MethodParameters
+from workers.methods.linear import LINEAR
+from workers.methods.task_arithmetic import TASK_ARITHMETIC
+from workers.methods.ties import TIES
+from workers.methods.twin import TWIN
+
+REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (
+    LINEAR,
+    TASK_ARITHMETIC,
+    TIES,
+    TWIN,
+)}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registered method called ``name``; an unknown name lists the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"merge_method: unknown method {name!r}; mergefleet has {', '.join(REGISTRY)}") from None
+
+
+def method_of(options: MethodOptions) -> MergeMethod:
+    """The registered method that resolved these options."""
+    return REGISTRY[options.method]
+
+
+def owners_of(key: str) -> list[str]:
+    """The methods whose top-level parameters accept ``key`` (its name or alias)."""
+    return [name for name, m in REGISTRY.items() if _accepts(m.parameters, key)]
+
+
+def model_owners_of(key: str) -> list[str]:
+    """The methods whose per-model parameters accept ``key``."""
+    return [name for name, m in REGISTRY.items() if _accepts(m.model_parameters, key)]
+
+
+def _accepts(parameters: type[MethodParameters], key: str) -> bool:
+    return any(key in (field, info.alias) for field, info in parameters.model_fields.items())
+
+
+def validate_parameters(method: MergeMethod, raw: dict, path: str) -> MethodParameters:
+    """``method``'s top-level parameters from ``raw``, errors naming keys under ``path``."""
+    return method.validate_parameters(raw, path, owners_of)
+
+
+__all__ = ["REGISTRY", "ConfigError", "MergeMethod", "MethodOptions", "get_method", "method_of", "model_owners_of", "owners_of",
+           "validate_parameters"]

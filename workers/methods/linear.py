@@ -1,0 +1,58 @@
+"""Linear merge (weighted average), the smallest complete method: θ = Σ w_t θ_t / Σ w_t.
+
+No base model: every listed model is averaged (a ``base_model`` must be listed among them, with a
+weight). docs/algorithms.md §2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.kernels import linear
+from workers.methods.base import ConfigError, MergeMethod, MethodOptions, MethodParameters, Scalar, first, warn_unused_density
+
+
+class LinearModelParameters(MethodParameters):
+    density: Scalar | None = None  # accepted as mergekit does (a TIES key); no effect here, and a warning says so
+    weight: Scalar | None = None  # the model's weight in the average (default: parameters.weight, else 1.0)
+
+
+class LinearParameters(MethodParameters):
+    weight: Scalar | None = None  # default weight of every model
+    normalize: bool = True  # divide by Σ weights
+
+
+class LinearOptions(MethodOptions):
+    weights: tuple[float, ...]  # one per listed model, in config order
+    normalize: bool
+
+
+@dataclass(frozen=True)
+class LinearMethod(MergeMethod):
+    def resolve(self, config) -> LinearOptions:
+        urls = [m.model for m in config.models]
+        if config.base_model and config.base_model not in urls:
+            raise ConfigError(
+                f"linear averages the listed models; base_model {config.base_model!r} is not among them and has no "
+                "weight. List it under models: with a weight, or drop base_model")
+        warn_unused_density(config, self.name)
+        weights = tuple(first(m.parameters.weight, config.parameters.weight, 1.0) for m in config.models)
+        normalize = config.parameters.normalize
+        if normalize and sum(weights) == 0:
+            raise ConfigError("the model weights sum to 0, so normalize cannot divide by them; "
+                              "set normalize: false or change a weight")
+        return LinearOptions(method=self.name, weights=weights, normalize=normalize)
+
+    def merge_tensor(self, ctx, inputs, options: LinearOptions, prepass, out_dtype):
+        weights = ctx.vector(options.weights)
+        divisor = ctx.scalar(sum(options.weights) if options.normalize else 1.0)
+        for rows in inputs.ranges:
+            _, models = inputs.load(rows)
+            with ctx.timer.track("kernel"):
+                out = ctx.compiler.run_into(linear.linear_merge, inputs.merged_buffer(models, out_dtype), models,
+                                            weights, divisor, out_dtype=out_dtype, numel=models.numel())
+            yield rows, out
+
+
+LINEAR = LinearMethod(name="linear", parameters=LinearParameters, model_parameters=LinearModelParameters,
+                      needs_base=False)

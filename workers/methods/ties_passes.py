@@ -1,0 +1,87 @@
+"""The passes TIES makes over one tensor's chunks: |τ| histograms (exact selection without sorting,
+workers/kernels/selection.py), the elected-sign sum, and the per-chunk trim cuts with tie quotas.
+Per-tensor trim (workers/methods/ties.py) and the model-wide scans (ties_global.py) share them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from workers.kernels import selection, ties
+from workers.kernels.selection import TrimRule
+
+
+class TrimCuts:
+    """Per-chunk ``thr`` / ``cut`` tensors for the kernels, carrying tie counts across chunks.
+
+    Only rules with a tie quota look at the data; a quota at threshold 0 needs no cut either,
+    since a zero τ contributes nothing whichever way it is trimmed."""
+
+    def __init__(self, ctx, rules: list[TrimRule]):
+        self.ctx, self.rules = ctx, rules
+        self.thr = ctx.vector([r.threshold for r in rules])
+        self._quota = [r.tie_quota is not None and r.threshold > 0 for r in rules]
+        self._ties_before = [0] * len(rules)
+
+    def for_chunk(self, base, experts) -> torch.Tensor:
+        cuts = [ties.ALL_TIES] * len(self.rules)
+        if any(self._quota):
+            counts = self.ctx.compiler.run(ties.tied_block_counts, base, experts, self.thr, numel=experts.numel())
+            for t, rule in enumerate(self.rules):
+                if self._quota[t]:
+                    def block_mask(block: int, t=t) -> torch.Tensor:
+                        span = slice(block * ties.TIE_BLOCK, (block + 1) * ties.TIE_BLOCK)
+                        return ties.tied_mask(base[span], experts[t:t + 1, span], self.thr[t:t + 1])[0]
+
+                    cuts[t], n_tied = ties.tie_cut(counts[t], rule, self._ties_before[t], block_mask)
+                    self._ties_before[t] += n_tied
+        return self.ctx.vector(cuts, torch.int64)
+
+
+def histograms(ctx, inputs, buckets: torch.Tensor | None) -> torch.Tensor:
+    """[T, width] counts of |τ|'s high bits (``buckets`` None) or of its low bits inside each
+    expert's bucket, over every chunk of the tensor."""
+    total = None
+    for rows in inputs.ranges:
+        base, experts = inputs.load(rows)
+        with ctx.timer.track("kernel"):
+            if buckets is None:
+                ids = ctx.buffer(("ids",), experts.shape, torch.int16)
+                ctx.compiler.run_into(selection.high_bucket_ids, ids, base, experts, numel=experts.numel())
+                counts = selection.count_ids(ids, selection.HIGH_BUCKETS)
+            else:
+                ids = ctx.buffer(("ids",), experts.shape, torch.int32)
+                ctx.compiler.run_into(selection.low_bucket_ids, ids, base, experts, buckets, numel=experts.numel())
+                counts = selection.count_ids(ids, selection.LOW_BUCKETS)
+            total = counts if total is None else total + counts
+    return total
+
+
+def sign_sum(ctx, inputs, rules: list[TrimRule], weights: torch.Tensor, sign_by_count: bool) -> int:
+    """Σγ over one tensor's elements (the elected signs before the zero fill), an exact integer."""
+    cuts, total = TrimCuts(ctx, rules), 0
+    for rows in inputs.ranges:
+        base, experts = inputs.load(rows)
+        with ctx.timer.track("kernel"):
+            positive, negative = ctx.compiler.run(ties.ties_vote_counts, base, experts, cuts.thr,
+                                                  cuts.for_chunk(base, experts), weights,
+                                                  sign_by_count=sign_by_count, numel=experts.numel())
+            total += int(positive) - int(negative)
+    return total
+
+
+def per_tensor_rules(ctx, inputs, densities: tuple[float, ...]) -> list[TrimRule]:
+    """Trim rules for one tensor: the exact int(density·numel) largest |τ| per expert (two counting passes)."""
+    numel = math.prod(inputs.task.shape)
+    ks = [selection.top_n_k(numel, d) for d in densities]
+    if all(k is None for k in ks):
+        return [selection.trivial_top_n_rule(numel, d) for d in densities]
+    highs = histograms(ctx, inputs, None).cpu()
+    buckets = [selection.locate(h, k)[0] if k is not None else -1 for h, k in zip(highs, ks)]
+    lows = histograms(ctx, inputs, ctx.vector(buckets, torch.int32)).cpu()
+    return [
+        selection.top_n_rule(highs[t], buckets[t], lows[t], int(d * numel)) if ks[t] is not None
+        else selection.trivial_top_n_rule(numel, d)
+        for t, d in enumerate(densities)
+    ]

@@ -1,0 +1,46 @@
+"""The plan's data as a shard task receives it: each tensor to make, and each shard's spec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from workers.storage import Location
+from workers.tensor_io import TensorInfo
+
+if TYPE_CHECKING:
+    from workers.methods.base import MethodOptions
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: how to make it, from which inputs, in chunks of how many rows."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    action: Literal["merge", "copy"]
+    inputs: tuple[TensorInfo, ...]  # merge: base first when the method uses one, then experts; copy: the source
+    chunk_rows: int
+    tied_to: str | None = None  # another name for the same weight (counted once in a global trim)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Everything one shard task needs; it knows its inputs and its output, not the coordinator."""
+
+    index: int
+    n_shards: int
+    file_name: str  # relative to the output root
+    output: Location  # the output root (its storage options also open the inputs)
+    tensors: tuple[TensorTask, ...]
+    method: MethodOptions  # the resolved method; its registered object (workers.methods) runs the shard
+    nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in an input: raise, or merge anyway
+    memory_bytes: int = 0  # planned anonymous memory of the task's process (asked of Ray): reserve + largest chunk
+    chunk_budget: int = 0  # bytes the task's tensors may hold at once (memory_budget less process_reserve)
+    compile_kernels: bool = True  # torch.compile large chunks (decided once, at the edge)
+    prepass: Any = None  # what the method's model-wide pre-pass found (TIES global trim: thresholds, zero sign)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self.output.storage_options
