@@ -32,6 +32,8 @@ from workers.tensor_io import DTYPE_ALIASES
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3
 DEFAULT_PROCESS_RESERVE = "512MiB"  # a CPU worker with Python, torch, Ray and the compiled kernels: 0.2-0.5 GB
 DEFAULT_SHARD_BYTES = 1024**3
+
+
 def parse_bytes(value: Union[int, str]) -> int:
     """'4GB', '512MiB', '1e9' or an int -> bytes."""
     if isinstance(value, int):
