@@ -63,3 +63,21 @@ def test_run_into_writes_the_kernel_result_into_a_reused_buffer(chunk):
     assert out.data_ptr() == buffer.data_ptr()
     assert torch.equal(out, eager)
     assert torch.equal(buffer[experts.numel():], torch.full((7,), -5, dtype=torch.int32))
+
+
+def test_a_compile_failure_turns_off_only_its_own_task(chunk, monkeypatch):
+    """A Compiler whose torch.compile fails runs its kernels eagerly; the environment and the next
+    task's Compiler are untouched (Ray reuses worker processes)."""
+    import os
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    base, experts = chunk
+    environment = dict(os.environ)
+    monkeypatch.setattr(torch, "compile", broken)
+    first = Compiler()
+    eager = selection.high_bucket_ids(base, experts)
+    assert torch.equal(first.run(selection.high_bucket_ids, base, experts, numel=experts.numel()), eager)
+    assert first.enabled is False and dict(os.environ) == environment
+    assert Compiler().enabled is True
