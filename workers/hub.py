@@ -41,7 +41,9 @@ def parse_reference(url: str) -> tuple[str, str | None] | None:
     """(repo_id, revision or None) when ``url`` names a Hub model, else None.
 
     ``hf://org/name[@rev]`` always does; a bare ``org/name[@rev]`` does only when no local path
-    of that name exists (local directories win).
+    of that name exists (local directories win). Anything else (a scheme, a leading ``/``, ``.`` or
+    ``~``, a trailing ``/``, a deeper path) is a path. A bare reference the Hub cannot resolve fails
+    with an error naming both readings (see ``resolve``).
     """
     if url.startswith(SCHEME):
         match = _REFERENCE.fullmatch(url[len(SCHEME):].rstrip("/"))
@@ -59,7 +61,12 @@ def _offline() -> bool:
 
 
 def resolve(url: str) -> HubModel:
-    """Download (or find in the cache) the model's safetensors, config and tokenizer files."""
+    """Download (or find in the cache) the model's safetensors, config and tokenizer files.
+
+    A bare ``org/name`` may be a mistyped relative path as well as a Hub id, so when the Hub cannot
+    resolve it the error names both readings: no such local directory (its absolute path, taken
+    from the current directory), then why the Hub failed. An ``hf://`` reference names the Hub only.
+    """
     parsed = parse_reference(url)
     if parsed is None:
         raise CheckpointError(f"{url}: not a Hub model reference")
@@ -68,6 +75,9 @@ def resolve(url: str) -> HubModel:
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
+    failed = f"{url}: " if url.startswith(SCHEME) else (
+        f"{url}: no local directory {os.path.abspath(url)} (the path read relative to the current directory; "
+        "check it), and as a Hub model: ")
     offline = _offline()
     try:
         local_dir = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
@@ -75,16 +85,16 @@ def resolve(url: str) -> HubModel:
     except LocalEntryNotFoundError as exc:
         where = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else "it could not be downloaded"
         raise CheckpointError(
-            f"{url}: Hub model {repo_id}@{revision or 'main'} unavailable: {where} ({os.environ.get('HF_HUB_CACHE') or 'default cache'}); "
+            f"{failed}Hub model {repo_id}@{revision or 'main'} unavailable: {where} ({os.environ.get('HF_HUB_CACHE') or 'default cache'}); "
             f"download it first (hf download {repo_id}), unset HF_HUB_OFFLINE, or give a local directory "
             "(a bare ORG/NAME is only read from the Hub when no such local path exists)") from exc
     except (RepositoryNotFoundError, GatedRepoError) as exc:
-        raise CheckpointError(f"{url}: Hub repository {repo_id} not found or not accessible; "
+        raise CheckpointError(f"{failed}Hub repository {repo_id} not found or not accessible; "
                               "check the name and log in (HF_TOKEN) for private or gated models") from exc
     except RevisionNotFoundError as exc:
-        raise CheckpointError(f"{url}: revision {revision!r} of {repo_id} not found; give a branch, tag or commit hash") from exc
+        raise CheckpointError(f"{failed}revision {revision!r} of {repo_id} not found; give a branch, tag or commit hash") from exc
     except OSError as exc:  # network errors, HfHubHTTPError (an OSError subclass)
-        raise CheckpointError(f"{url}: fetching {repo_id} from the Hub failed ({exc}); check the network "
+        raise CheckpointError(f"{failed}fetching {repo_id} from the Hub failed ({exc}); check the network "
                               "or use HF_HUB_OFFLINE=1 with a filled cache") from exc
     commit = Path(local_dir).name
     if not _COMMIT.fullmatch(commit):

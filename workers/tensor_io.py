@@ -108,7 +108,11 @@ def read_header(url: str, *, storage_options: dict[str, Any] | None = None) -> F
     """Read only the 8-byte length and JSON header of a safetensors file and validate it."""
     fs, path = open_fs(url, storage_options)
     with storage_errors(url, "the safetensors header"):
-        size = with_retries(url, fs.size, path)
+        try:
+            size = with_retries(url, fs.size, path)
+        except FileNotFoundError as exc:
+            _raise_if_local(url, fs, path, "not found", exc)
+            raise
         if size >= 8:
             (header_len,) = struct.unpack("<Q", with_retries(url, fs.cat_file, path, start=0, end=8))
     if size < 8:
@@ -139,14 +143,17 @@ def read_header(url: str, *, storage_options: dict[str, Any] | None = None) -> F
                 "(tensor names are dotted module paths such as model.layers.0.mlp.up_proj.weight)"
             )
         try:
-            dtype, shape, (lo, hi) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-            if not (isinstance(dtype, str) and isinstance(lo, int) and isinstance(hi, int)):
-                raise TypeError("dtype must be a string and data_offsets integers")
+            dtype, shape, (lo, hi) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not (isinstance(dtype, str) and isinstance(shape, list) and _is_int(lo) and _is_int(hi)):
+                raise TypeError("dtype must be a string, shape a list and data_offsets integers")
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{url}: tensor {name!r} has a malformed header entry {entry!r}; the file is corrupt") from exc
         if dtype not in DTYPES:
             raise CheckpointError(f"{url}: tensor {name!r} has dtype {dtype!r}, which mergefleet cannot read")
-        info = TensorInfo(url, dtype, shape, data_start + int(lo), data_start + int(hi))
+        if not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{url}: tensor {name!r} has shape {shape!r}, but dimensions are non-negative integers; "
+                                  "the file is corrupt, re-export or download it again")
+        info = TensorInfo(url, dtype, tuple(shape), data_start + lo, data_start + hi)
         if not 0 <= lo <= hi or info.end > size:
             raise CheckpointError(
                 f"{url}: tensor {name!r} has data offsets {lo}..{hi} beyond the file's {size - data_start} data bytes; "
@@ -158,7 +165,43 @@ def read_header(url: str, *, storage_options: dict[str, Any] | None = None) -> F
                 f"{info.numel * itemsize(dtype)}; the file is corrupt"
             )
         tensors[name] = info
+    _check_layout(url, tensors, data_start, size)
     return FileHeader(url, size, hashlib.sha256(raw).hexdigest(), tensors, dict(metadata))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_layout(url: str, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """Refuse what safetensors refuses to load: taken in order of their offsets, the tensors must tile
+    the data section exactly, the first beginning at 0, each where the previous one ended, the last at
+    the end of the file: no gap, no overlap (not even an identical range), no trailing bytes. Zero-size
+    tensors (begin == end) may sit at any tensor boundary."""
+    def span(info: TensorInfo) -> str:
+        return f"{info.start - data_start}..{info.end - data_start}"
+
+    fix = "the file is corrupt (safetensors refuses to load it); re-export it with safetensors or download it again"
+    pos, prev = data_start, None
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end, item[0])):
+        if info.start != pos:
+            if prev is None:
+                problem = (f"tensor {name!r} begins at data offset {info.start - data_start}, not 0: "
+                           "the bytes before it belong to no tensor")
+            elif (info.start, info.end) == (tensors[prev].start, tensors[prev].end):
+                problem = (f"tensors {prev!r} and {name!r} have the same data offsets {span(info)}, but safetensors "
+                           "lets no two names share bytes (store a tied weight once, or as a copy)")
+            elif info.start < pos:
+                problem = f"tensor {name!r} (data offsets {span(info)}) overlaps tensor {prev!r} ({span(tensors[prev])})"
+            else:
+                problem = (f"{info.start - pos} bytes between tensor {prev!r} ({span(tensors[prev])}) and tensor {name!r} "
+                           f"({span(info)}) belong to no tensor")
+            raise CheckpointError(f"{url}: {problem}; {fix}")
+        pos, prev = info.end, name
+    if pos != size:
+        after = (f"after the last tensor {prev!r} (data offsets {span(tensors[prev])})" if prev
+                 else "after a header that lists no tensors")
+        raise CheckpointError(f"{url}: {size - pos} trailing bytes {after} belong to no tensor; {fix}")
 
 
 def escapes_prefix(name: str) -> bool:
@@ -201,6 +244,12 @@ def _model_file_urls(url: str, fs: fsspec.AbstractFileSystem, root: str) -> list
     return None
 
 
+def _raise_if_local(url: str, fs: fsspec.AbstractFileSystem, path: str, problem: str, exc: FileNotFoundError) -> None:
+    """For a missing local path, a CheckpointError that says so plainly (STORAGE_FIX is about buckets)."""
+    if is_local(fs):
+        raise CheckpointError(f"{url}: {problem}: {path} does not exist on this machine; check the path") from exc
+
+
 def resolve_model(url: str, *, storage_options: dict[str, Any] | None = None) -> ModelFiles:
     """Locate the safetensors files of a model directory (single file or sharded with an index).
 
@@ -221,6 +270,7 @@ def resolve_model(url: str, *, storage_options: dict[str, Any] | None = None) ->
             try:
                 listing = [p.rsplit("/", 1)[-1] for p in with_retries(url, fs.ls, root, detail=False)]
             except FileNotFoundError as exc:
+                _raise_if_local(url, fs, root, "no such model directory", exc)
                 raise CheckpointError(f"{url}: no such model directory ({exc}); {STORAGE_FIX}") from exc
         pickles = [n for n in listing if n.endswith(PICKLE_SUFFIXES)]
         if pickles:
@@ -256,6 +306,8 @@ class RangeReader:
         self._storage_options = storage_options
         self._fs: dict[str, tuple[fsspec.AbstractFileSystem, str]] = {}
         self._local_files: dict[str, Any] = {}
+        self._hashing: dict[TensorInfo, tuple[Any, int]] = {}  # tensor -> (sha256 so far, next row)
+        self.read_sha256: dict[tuple[str, int], str] = {}  # (file URL, data start) -> sha256 of the tensor's bytes
         self.bytes_read = 0
 
     def _open(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -305,7 +357,25 @@ class RangeReader:
         if numel:
             view = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
             self._read_into(info, row_start * row_elements * itemsize(info.dtype), view)
+            self._hash(info, row_start, row_end, view)
         return out
+
+    def _hash(self, info: TensorInfo, row_start: int, row_end: int, data: memoryview) -> None:
+        """Extend the tensor's sha256 with rows read in order (a re-read of rows already hashed, as
+        the passes of a trim make, adds nothing): the checksum of what the run read, without a read more."""
+        key = (info.file_url, info.start)
+        if key in self.read_sha256:
+            return
+        hasher, next_row = self._hashing.get(info, (None, 0))
+        if row_start != next_row:
+            return
+        hasher = hasher or hashlib.sha256()
+        hasher.update(data)
+        if row_end >= rows_of(info.shape):
+            self.read_sha256[key] = hasher.hexdigest()
+            self._hashing.pop(info, None)
+        else:
+            self._hashing[info] = (hasher, row_end)
 
     def close(self) -> None:
         for fd in self._local_files.values():

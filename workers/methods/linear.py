@@ -27,6 +27,20 @@ class LinearOptions(MethodOptions):
     normalize: bool
 
 
+NORMALIZE_RTOL = 1e-6  # normalize refuses weights with |Σ w| <= NORMALIZE_RTOL · Σ |w|
+
+
+def check_normalizable(weights: tuple[float, ...]) -> None:
+    """Refuse ``normalize`` when Σ weights is ~0 relative to Σ |weights| (or every weight is 0):
+    dividing by it would blow the merged values up by that ratio (1e14 for [0.7, -0.7 + 5.6e-17])."""
+    total, size = sum(weights), sum(abs(w) for w in weights)
+    if abs(total) <= NORMALIZE_RTOL * size:
+        raise ConfigError(
+            f"the model weights {list(weights)} sum to {total:.3g}, ~0 relative to their size (Σ|w| = {size:.3g}), "
+            "so normalize cannot divide by them; set normalize: false or change a weight so they sum clearly "
+            "away from 0")
+
+
 @dataclass(frozen=True)
 class LinearMethod(MergeMethod):
     def resolve(self, config) -> LinearOptions:
@@ -38,9 +52,8 @@ class LinearMethod(MergeMethod):
         warn_unused_density(config, self.name)
         weights = tuple(first(m.parameters.weight, config.parameters.weight, 1.0) for m in config.models)
         normalize = config.parameters.normalize
-        if normalize and sum(weights) == 0:
-            raise ConfigError("the model weights sum to 0, so normalize cannot divide by them; "
-                              "set normalize: false or change a weight")
+        if normalize:
+            check_normalizable(weights)
         return LinearOptions(method=self.name, weights=weights, normalize=normalize)
 
     def merge_tensor(self, ctx, inputs, options: LinearOptions, prepass, out_dtype):

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from workers.kernels import linear
-from workers.methods.base import ConfigError, MergeMethod, MethodOptions, MethodParameters, Scalar, first, warn_unused_density
+from workers.methods.base import MergeMethod, MethodOptions, MethodParameters, Scalar, first, warn_unused_density
+from workers.methods.linear import check_normalizable
 
 
 class TaskArithmeticModelParameters(MethodParameters):
@@ -51,9 +52,8 @@ class TaskArithmeticMethod(MergeMethod):
         warn_unused_density(config, self.name)
         weights = expert_weights(config)
         p = config.parameters
-        if p.normalize and sum(weights) == 0:
-            raise ConfigError("the model weights sum to 0, so normalize cannot divide by them; "
-                              "set normalize: false or change a weight")
+        if p.normalize:
+            check_normalizable(weights)
         return TaskVectorOptions(method=self.name, weights=weights, densities=(1.0,) * len(weights), lam=p.lam,
                                  normalize=p.normalize)
 
