@@ -1,4 +1,8 @@
-"""mergefleet command line: run | plan | verify | demo | twin (train-router, predict)."""
+"""mergefleet command line: run | plan | verify | status | demo | twin (train-router, predict).
+
+Exit status: 0 success; 1 `verify` found problems; 2 the command could not run (bad config or
+arguments, storage / credential errors, a missing output, any other error: one line
+``mergefleet: error: ...`` on stderr, the traceback only with -v); 130 interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -6,12 +10,22 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
+import traceback
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 LOG = logging.getLogger("mergefleet")
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+RUN_INTERRUPTED = "interrupted; nothing was published. Rerun the same command to resume (finished shards are kept)."
+RUN_INTERRUPTED_OVERWRITE = ("interrupted; nothing was published. Rerun the same command without --overwrite "
+                             "to resume (finished shards are kept).")
+
+
+class CommandError(Exception):
+    """A command could not run; the message is complete (it names the URL) and is printed as it is."""
 
 
 def _cmd_run(args) -> int:
@@ -41,40 +55,104 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _storage_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of --storage-option; VALUE is parsed as YAML (so ``false`` is a bool and
+    ``{"region_name": "us-east-1"}`` a mapping). Errors never echo the value: it may be a secret."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError("expected KEY=VALUE, e.g. endpoint_url=http://127.0.0.1:8333")
+    if not value.strip():
+        return key, ""
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        reason = getattr(exc, "problem", None) or type(exc).__name__
+        raise argparse.ArgumentTypeError(f"{key}: the value is not a YAML / JSON value ({reason}); "
+                                         "quote it to pass a string, e.g. key='a: b'") from None
+
+
+def _storage_options(args) -> dict | None:
+    """The `storage:` section of --config, then each --storage-option over it (explicit options win)."""
+    options: dict[str, Any] = {}
+    if args.config:
+        from pipeline.config import load_config
+
+        options.update(load_config(args.config).storage)
+    options.update(dict(args.storage_option or []))
+    return options or None
+
+
+def _message(exc: BaseException) -> str:
+    """The one-line message of an error: its text for the usual error types (as printed since the
+    start, so ConfigError / pydantic messages read the same), else prefixed with its type."""
+    text = str(exc)
+    if isinstance(exc, (CommandError, ValueError, RuntimeError, OSError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _cannot_run(url: str, exc: Exception) -> CommandError:
+    message = _message(exc)
+    return CommandError(message if url in message else f"{url}: {message}")
+
+
 def _cmd_status(args) -> int:
     from pipeline.resume import output_status
 
-    status = output_status(args.output)
+    storage_options = _storage_options(args)  # a bad --config fails here, with its own message
+    try:
+        status = output_status(args.output, storage_options=storage_options)
+    except Exception as exc:
+        raise _cannot_run(args.output, exc) from exc
     print(json.dumps(status, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def _cmd_verify(args) -> int:
     from manifests.verify import verify_output
 
-    problems = verify_output(args.output)
+    storage_options = _storage_options(args)  # a bad --config fails here, with its own message
+    try:  # problems found are returned; an output it cannot look at (nothing there, storage errors) raises
+        problems = verify_output(args.output, storage_options=storage_options)
+    except Exception as exc:
+        raise _cannot_run(args.output, exc) from exc
     for p in problems:
         print(f"FAIL {p}")
     print("OK" if not problems else f"{len(problems)} problem(s)")
-    return 1 if problems else 0
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def demo_workdir(output: str | Path, workdir: str | Path | None = None) -> Path:
+    """Where `mergefleet demo` puts its sample models and merge.yaml: ``workdir``, else
+    ``<output>-work`` beside the output (out/demo -> out/demo-work)."""
+    if workdir:
+        return Path(workdir).resolve()
+    out = Path(output).resolve()
+    return out.with_name(out.name + "-work")
 
 
 def _cmd_demo(args) -> int:
     from pipeline.config import load_config
     from pipeline.coordinator import run_merge
-    from pipeline.samples import build_sample_models
+    from pipeline.samples import ensure_sample_models
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="mergefleet-demo-"))
-    base, experts = build_sample_models(work / "models", n_experts=3)
+    work = demo_workdir(args.output, args.workdir)
+    # built once (seed 0) and then reused as they are, with the same config: a rerun on a complete
+    # output is a no-op, on a partial one it resumes
+    base, experts = ensure_sample_models(work / "models", n_experts=3, seed=0)
     config = {
         "merge_method": "ties", "base_model": str(base),
         "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5}} for e in experts],
         "parameters": {"normalize": True, "lambda": 1.0}, "dtype": "bfloat16",
         "output": str(Path(args.output).resolve()), "shards": 4,
     }
-    (work / "merge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    print(f"sample base + {len(experts)} experts in {work / 'models'}; config {work / 'merge.yaml'}")
-    manifest = run_merge(load_config(work / "merge.yaml"), overwrite=True, progress=not args.no_progress)
+    config_text = yaml.safe_dump(config, sort_keys=False)
+    config_path = work / "merge.yaml"
+    if not config_path.is_file() or config_path.read_text() != config_text:
+        config_path.write_text(config_text)
+    print(f"sample base + {len(experts)} experts in {work / 'models'}; config {config_path}")
+    manifest = run_merge(load_config(config_path), overwrite=args.overwrite, progress=not args.no_progress)
     print(json.dumps(_summary(manifest), indent=2))
     return 0
 
@@ -116,7 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergefleet", description="Distributed merging of fine-tuned experts on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="plan, merge on Ray and publish the output")
+    run = sub.add_parser("run", help="plan, merge on Ray and publish the output",
+                         description="Plan, merge on Ray and publish the output. The same config on an output it "
+                                     "already completed is a no-op; on a partial output it resumes.",
+                         epilog="exit status:\n  0  published (or already complete); prints the manifest summary\n"
+                                "  2  could not run: bad config, bad input, storage error, output holds another run\n"
+                                "  130  interrupted (Ctrl-C): nothing published; rerun to resume",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", help="merge YAML (mergekit format)")
     run.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     run.add_argument("--output", help="output URL (overrides `output:` in the config)")
@@ -128,16 +212,37 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--output")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=_cmd_plan)
-    verify = sub.add_parser("verify", help="re-read every output tensor and check the manifest (exit 0 ok, 1 not)")
+    verify = sub.add_parser(
+        "verify", help="re-read every output tensor and check the manifest (exit 0 ok, 1 problems, 2 could not run)",
+        description="Re-read every file and tensor of a published output and check them against its manifest.",
+        epilog="exit status:\n  0  the output is intact (prints OK)\n"
+               "  1  verification found problems (one FAIL line each)\n"
+               "  2  verify could not run: no such output, storage or credential error, bad --config / --storage-option",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     verify.add_argument("output", help="output URL of a run")
+    _add_storage_arguments(verify)
     verify.set_defaults(func=_cmd_verify)
-    status = sub.add_parser("status", help="show whether a run at OUTPUT_URL is complete, or its done / missing shards")
+    status = sub.add_parser(
+        "status", help="show whether a run at OUTPUT_URL is complete, or its done / missing shards (exit 0, 2 could not run)",
+        description="Print, as JSON, whether the run at OUTPUT_URL is complete, or the done / missing shards of a partial run.",
+        epilog="exit status:\n  0  the status was printed (complete, partial or empty)\n"
+               "  2  status could not run: no such output, storage or credential error, bad --config / --storage-option",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     status.add_argument("output", help="output URL of a run")
+    _add_storage_arguments(status)
     status.set_defaults(func=_cmd_status)
-    demo = sub.add_parser("demo", help="build sample experts and TIES-merge them on embedded Ray")
+    demo = sub.add_parser("demo", help="build sample experts and TIES-merge them on embedded Ray",
+                          description="Build a small Llama-shaped base and 3 experts (seed 0) in WORKDIR/models "
+                                      "unless they are there, write WORKDIR/merge.yaml and TIES-merge them into OUTPUT. "
+                                      "A rerun is a no-op on a complete output (it prints the same manifest "
+                                      "summary) and resumes a partial one; an output holding another run is "
+                                      "refused unless --overwrite.")
     demo.add_argument("--output", default="out/demo", help="output directory (default out/demo)")
-    demo.add_argument("--workdir", help="where the sample models go (default: a temp dir)")
-    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--workdir", help="where the sample models and merge.yaml go (default: OUTPUT-work beside "
+                                        "the output, e.g. out/demo-work); built once, then reused (delete "
+                                        "WORKDIR/models to rebuild them)")
+    demo.add_argument("--overwrite", action="store_true", help="replace an output that already holds a run")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
     twin = sub.add_parser("twin", help="Twin-Merging: train the router of a twin run, predict with it")
     twin_sub = twin.add_subparsers(dest="twin_command", required=True)
@@ -161,15 +266,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_storage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="merge YAML whose `storage:` section gives the storage options")
+    parser.add_argument("--storage-option", action="append", type=_storage_option, metavar="KEY=VALUE",
+                        help="an fsspec / s3fs storage option, as `storage:` in a config would give it (repeat; "
+                             "VALUE is YAML: use_ssl=false is a bool, 'client_kwargs={\"region_name\": \"us-east-1\"}' "
+                             "a mapping; quote a string that looks like a number); wins over --config")
+
+
+def _interrupted_message(args) -> str:
+    if args.command in ("run", "demo"):
+        return RUN_INTERRUPTED_OVERWRITE if getattr(args, "overwrite", False) else RUN_INTERRUPTED
+    return "interrupted."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError) as exc:
-        print(f"mergefleet: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"mergefleet: {_interrupted_message(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line, no traceback (-v adds it): the message names the file, key or URL
+        if args.verbose:
+            traceback.print_exc()
+        print(f"mergefleet: error: {_message(exc)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -73,3 +75,27 @@ def build_sample_models(root: Path, *, n_experts: int = 3, dtype: torch.dtype = 
             expert[n] = (t + delta).to(dtype)
         expert_dirs.append(write_model(root / f"expert{e}", expert, config, max_file_bytes=max_file_bytes))
     return base_dir, expert_dirs
+
+
+def ensure_sample_models(root: Path, *, n_experts: int = 3, seed: int = 0, **kwargs) -> tuple[Path, list[Path]]:
+    """``build_sample_models`` into ``root`` unless they are already there; returns their directories.
+
+    A rerun reuses the very files (a rewrite, even of the same bytes, changes their mtime and
+    inode, which a run takes as changed inputs). They appear whole or not at all: built in a
+    sibling ``<root>.partial`` (removed on failure, or by the next call), then renamed into place."""
+    root = Path(root)
+    base, experts = root / "base", [root / f"expert{e}" for e in range(n_experts)]
+    if root.exists():
+        missing = [d.name for d in (base, *experts) if not (d / "config.json").is_file()]
+        if missing:
+            raise FileExistsError(f"{root} exists but lacks the sample model(s) {missing}; delete it to rebuild them")
+        return base, experts
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        build_sample_models(partial, n_experts=n_experts, seed=seed, **kwargs)
+        os.replace(partial, root)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return base, experts
