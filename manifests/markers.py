@@ -14,9 +14,10 @@ PLAN_JSON = "plan.json"
 DONE_DIR = "done"
 
 
-def write_state(output: Location, name: str, data: dict) -> None:
-    """A small JSON document of run state (the plan record, a pre-pass's findings) under the state folder."""
-    output.put(f"{STATE_DIR}/{name}", json.dumps(data, sort_keys=True).encode())
+def write_state(output: Location, name: str, data: dict, *, exclusive: bool = False) -> None:
+    """A small JSON document of run state (the plan record, a pre-pass's findings) under the state
+    folder; ``exclusive``: only if it does not exist yet (AlreadyPublishedError otherwise)."""
+    output.put(f"{STATE_DIR}/{name}", json.dumps(data, sort_keys=True).encode(), exclusive=exclusive)
 
 
 def read_state(output: Location, name: str) -> dict | None:
@@ -41,6 +42,7 @@ def write_marker(output: Location, result: ShardResult) -> None:
 def read_markers(output: Location) -> dict[str, ShardResult]:
     """Every completion marker at this output, by shard file name (one listing, then small reads)."""
     fs, path = output.fs(STATE_DIR, DONE_DIR)
+    fs.invalidate_cache(path)  # markers written by other processes since this filesystem last listed
     try:
         names = fs.ls(path, detail=False)
     except FileNotFoundError:

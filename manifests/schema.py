@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -13,6 +15,7 @@ from workers.tensor_io import INDEX_NAME
 FORMAT = "mergefleet-manifest/1"
 MANIFEST_JSON = "manifest.json"
 MANIFEST_PARQUET = "manifest.parquet"
+MANIFEST_SHA256 = "manifest.sha256"  # sha256 of manifest.json's bytes, written just before it
 INDEX_JSON = INDEX_NAME  # the HF weight index of a sharded model
 
 TENSOR_TABLE = pa.schema([
@@ -25,6 +28,12 @@ TENSOR_TABLE = pa.schema([
     ("sha256", pa.string()),
     ("method", pa.string()),  # merge method, or "copy" for tensors taken from the reference unmerged
 ])
+
+
+def config_digest(record: dict[str, Any]) -> str:
+    """The config hash: sha256 of a config record's canonical JSON, its output location left out."""
+    data = {k: v for k, v in record.items() if k != "output"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 class Manifest(BaseModel):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+from manifests.markers import STATE_DIR
 from manifests.reader import ManifestError, read_manifest, read_tensor_table
-from workers.storage import CheckpointError, join_url, open_fs
-from workers.tensor_io import read_header
+from manifests.schema import MANIFEST_JSON, MANIFEST_SHA256, config_digest
+from workers.storage import CheckpointError, join_url, open_fs, storage_errors
+from workers.tensor_io import PICKLE_SUFFIXES, read_header
 
 BLOCK = 8 * 1024 * 1024
 INDEX_SUFFIX = ".safetensors.index.json"  # model.safetensors.index.json and the like, in any folder
@@ -32,13 +34,27 @@ def _hash_file(url: str, spans: list[tuple[str, int, int]], storage_options) -> 
 
 
 def verify_output(output_url: str, *, storage_options: dict | None = None) -> list[str]:
-    """Every problem found in a published output (empty when it is intact)."""
+    """Every problem found in a published output (empty when it is intact). Raises when it cannot
+    look at all: nothing at ``output_url`` (FileNotFoundError), storage failures (CheckpointError
+    naming the URL)."""
+    with storage_errors(output_url, "the output"):
+        fs, root = open_fs(output_url, storage_options)
+        fs.invalidate_cache()  # listings cached by this process may predate the files verified now
+        exists = fs.exists(root)
+    if not exists:
+        raise FileNotFoundError(f"{output_url}: no such output (nothing is there); check the URL")
+    with storage_errors(output_url, "the output"):
+        return _problems(output_url, storage_options)
+
+
+def _problems(output_url: str, storage_options: dict | None) -> list[str]:
     try:
         manifest = read_manifest(output_url, storage_options=storage_options)
         table, raw_table = read_tensor_table(output_url, manifest, storage_options=storage_options)
     except (ManifestError, FileNotFoundError, ValueError) as exc:
         return [str(exc)]
-    problems: list[str] = []
+    problems = _manifest_problems(output_url, manifest, storage_options) + _unlisted_files(output_url, manifest,
+                                                                                          storage_options)
     if hashlib.sha256(raw_table).hexdigest() != manifest.tensors_table_sha256:
         problems.append(f"{manifest.tensors_table}: sha256 differs from manifest.json")
     rows_by_file: dict[str, list[dict]] = {}
@@ -90,3 +106,32 @@ def verify_output(output_url: str, *, storage_options: dict | None = None) -> li
         if weight_map != expected:
             problems.append(f"{index_name}: weight_map does not match the tensor table")
     return problems
+
+
+def _manifest_problems(output_url: str, manifest, storage_options) -> list[str]:
+    """manifest.json itself: its bytes against manifest.sha256, its config against config_hash."""
+    problems = []
+    fs, path = open_fs(join_url(output_url, MANIFEST_JSON), storage_options)
+    raw = fs.cat_file(path)
+    fs, path = open_fs(join_url(output_url, MANIFEST_SHA256), storage_options)
+    try:
+        recorded = fs.cat_file(path).decode().strip()
+    except FileNotFoundError:
+        problems.append(f"{MANIFEST_SHA256}: missing, so edits to {MANIFEST_JSON} cannot be ruled out")
+    else:
+        if recorded != hashlib.sha256(raw).hexdigest():
+            problems.append(f"{MANIFEST_JSON}: sha256 differs from {MANIFEST_SHA256} (the manifest was edited)")
+    if config_digest(manifest.config) != manifest.config_hash:
+        problems.append(f"{MANIFEST_JSON}: its config does not hash to its config_hash (the config was edited)")
+    return problems
+
+
+def _unlisted_files(output_url: str, manifest, storage_options) -> list[str]:
+    """Weight files and indexes under the output that the manifest does not list: a loader would serve them."""
+    fs, root = open_fs(output_url, storage_options)
+    root = root.rstrip("/")
+    listed = {f.name for f in manifest.files}
+    names = (p[len(root) + 1:] for p in fs.find(root))
+    return [f"{name}: a weight file the manifest does not list (foreign or stale); remove it"
+            for name in sorted(names) if not name.startswith(STATE_DIR + "/") and name not in listed
+            and name.endswith((".safetensors", INDEX_SUFFIX, *PICKLE_SUFFIXES))]

@@ -8,7 +8,7 @@ import io
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.schema import MANIFEST_JSON, MANIFEST_PARQUET, TENSOR_TABLE, Manifest
+from manifests.schema import MANIFEST_JSON, MANIFEST_PARQUET, MANIFEST_SHA256, TENSOR_TABLE, Manifest
 from workers.storage import Location
 
 
@@ -21,9 +21,12 @@ def tensor_table_bytes(rows: list[dict]) -> bytes:
 
 
 def write_manifest(output: Location, manifest: Manifest, parquet: bytes) -> None:
-    """Write manifest.parquet, then manifest.json (the commit point of the run), only if no manifest.json
-    is there: a run replacing an output removes the old one first (--overwrite)."""
+    """Write manifest.parquet and manifest.sha256, then manifest.json (the commit point of the run).
+    The parquet and manifest.json are conditional puts: a second run publishing to the same output
+    fails instead of replacing what the first published (--overwrite removes the old ones first)."""
     if hashlib.sha256(parquet).hexdigest() != manifest.tensors_table_sha256:
         raise RuntimeError("manifest.parquet does not match the checksum recorded in manifest.json")
-    output.put(MANIFEST_PARQUET, parquet)
-    output.put(MANIFEST_JSON, manifest.model_dump_json(indent=2).encode(), exclusive=True)  # two runs never both publish
+    data = manifest.model_dump_json(indent=2).encode()
+    output.put(MANIFEST_PARQUET, parquet, exclusive=True)
+    output.put(MANIFEST_SHA256, (hashlib.sha256(data).hexdigest() + "\n").encode())
+    output.put(MANIFEST_JSON, data, exclusive=True)

@@ -9,8 +9,6 @@ method's resolved options (every default filled).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -18,6 +16,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from manifests.schema import config_digest
 from workers.methods import (
     ConfigError,
     MethodOptions,
@@ -64,6 +63,7 @@ class MergeConfig(_Frozen):
     out_dtype: str | None = None  # output dtype, overrides dtype
     output: str | None = None  # output URL (local dir, file://, s3://, gs://); --output overrides
     exclude: tuple[str, ...] = ()  # regexes of tensor names copied from the base unmerged
+    exclude_files: tuple[str, ...] = ()  # glob patterns of the reference model's other files not to copy (e.g. "README.md")
     shards: Union[int, str, None] = None  # number of output shards (int) or target bytes per shard ("2GB")
     memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET  # anonymous memory per shard task, its process included
     process_reserve: Union[int, str] = DEFAULT_PROCESS_RESERVE  # part of memory_budget the worker process itself holds
@@ -145,10 +145,13 @@ class MergeConfig(_Frozen):
         """What a task's tensor chunks may hold at once: the budget less the process's own memory."""
         return self.memory_budget_bytes - self.process_reserve_bytes
 
+    def record(self) -> dict:
+        """The validated config as the manifest stores it (storage options never included)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON of the validated config (output location excluded)."""
-        data = self.model_dump(mode="json", by_alias=True, exclude={"output"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        """sha256 of the canonical JSON of ``record()``, output location excluded (verify recomputes it)."""
+        return config_digest(self.record())
 
 
 def resolve_method(config: MergeConfig) -> MethodOptions:

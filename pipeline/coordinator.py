@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fnmatch
 import hashlib
 import json
 import logging
@@ -24,15 +25,15 @@ from manifests import markers
 from manifests.schema import Manifest, OutputFile
 from manifests.writer import tensor_table_bytes, write_manifest
 from pipeline.config import MergeConfig
-from pipeline.planner import SIDE_FILES, ShardPlan, build_plan
+from pipeline.planner import ShardPlan, build_plan
 from pipeline.ray_tasks import MergeShard, ScanShard, submit
-from pipeline.resume import prepare_output
+from pipeline.resume import check_claim, prepare_output
 from workers.methods import method_of
 from workers.publishing import put_file, tensor_rows, write_index
 from workers.results import ShardResult
 from workers.specs import ShardSpec
-from workers.storage import join_url, open_fs
-from workers.tensor_io import DTYPES
+from workers.storage import open_fs
+from workers.tensor_io import DTYPES, PICKLE_SUFFIXES
 
 LOG = logging.getLogger(__name__)
 STAGES = ("read", "convert", "kernel", "write")
@@ -109,24 +110,44 @@ def _root_cause(exc: Exception) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(exc)
 
 
-def copy_side_files(plan: ShardPlan, output_dtype: str | None, *, directory: str = "") -> list[OutputFile]:
-    """Copy config.json and tokenizer files from the reference model into ``directory`` of the
-    output (its root by default); returns what was written, named relative to the output root."""
-    written = []
+def copy_side_files(plan: ShardPlan, config: MergeConfig, *, directory: str = "") -> list[OutputFile]:
+    """Copy every file of the reference model but its weights (``*.safetensors``, the weight index,
+    pickles) and the config's ``exclude_files`` globs into ``directory`` of the output (its root by
+    default): config.json, tokenizer files, sentence-transformers' modules.json and 1_Pooling/, the
+    README, ... config.json gets every dtype key transformers reads set to the output dtype.
+    Returns what was written, named relative to the output root."""
     src_fs, src_root = open_fs(plan.side_files_from, plan.storage_options)
     if src_root.endswith(".safetensors"):
         src_root = src_root.rsplit("/", 1)[0]
-    for name in SIDE_FILES:
-        path = join_url(src_root, name)
-        if not src_fs.exists(path):
+    src_root = src_root.rstrip("/")
+    written = []
+    for path in sorted(src_fs.find(src_root)):
+        name = path[len(src_root) + 1:]
+        if _is_weight_file(name) or any(fnmatch.fnmatch(name, g) for g in config.exclude_files):
             continue
         data = src_fs.cat_file(path)
-        if name == "config.json" and output_dtype:
-            cfg = json.loads(data)
-            cfg["torch_dtype"] = str(DTYPES[output_dtype]).removeprefix("torch.")
-            data = json.dumps(cfg, indent=2).encode()
+        if name == "config.json" and config.output_dtype:
+            data = json.dumps(_with_dtype(json.loads(data), config.output_dtype), indent=2).encode()
         written.append(put_file(plan.output, f"{directory}/{name}" if directory else name, data))
     return written
+
+
+def _is_weight_file(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return (base.endswith((".safetensors", *PICKLE_SUFFIXES)) or base.endswith(".index.json")
+            or name.startswith(".cache/") or base.startswith("."))
+
+
+def _with_dtype(model_config: dict, output_dtype: str, *, top: bool = True) -> dict:
+    """config.json with ``torch_dtype`` (transformers 4) and ``dtype`` (transformers 5) set to the
+    output dtype: always ``torch_dtype`` at the top level, and either key wherever a nested config
+    (e.g. text_config) carries it."""
+    name = str(DTYPES[output_dtype]).removeprefix("torch.")
+    updated = {k: _with_dtype(v, output_dtype, top=False) if isinstance(v, dict) else v for k, v in model_config.items()}
+    for key in ("torch_dtype", "dtype"):
+        if key in updated or (top and key == "torch_dtype"):
+            updated[key] = name
+    return updated
 
 
 def shard_rows(plan: ShardPlan, results: list[ShardResult]) -> tuple[list[dict], list[OutputFile]]:
@@ -140,6 +161,25 @@ def shard_rows(plan: ShardPlan, results: list[ShardResult]) -> tuple[list[dict],
     return rows, files
 
 
+def input_records(plan: ShardPlan, results: list[ShardResult]) -> list[dict]:
+    """The manifest's inputs: per file its size, header sha256, fingerprint, and ``read_sha256``:
+    sha256 over "<offset> <sha256>" lines (by offset) of every tensor the shards read from it whole,
+    each hashed as it was read (no extra read); ``read_tensors`` counts them."""
+    read: dict[str, dict[int, str]] = {}
+    for result in results:
+        for url, start, sha in result.input_sha256:
+            read.setdefault(url, {})[start] = sha
+    records = []
+    for i in plan.inputs:
+        files = []
+        for f in i.files:
+            tensors = read.get(f["url"], {})
+            digest = hashlib.sha256("".join(f"{start} {tensors[start]}\n" for start in sorted(tensors)).encode())
+            files.append({**f, "read_sha256": digest.hexdigest(), "read_tensors": len(tensors)})
+        records.append({"role": i.role, "url": i.url, "revision": i.revision, "files": files, "bytes": i.nbytes})
+    return records
+
+
 def commit_manifest(plan: ShardPlan, config: MergeConfig, rows: list[dict], files: list[OutputFile], results: list,
                     timings: dict, *, extra: dict | None = None) -> Manifest:
     """Write manifest.parquet (the rows) and manifest.json, last: the commit point of the run.
@@ -151,12 +191,11 @@ def commit_manifest(plan: ShardPlan, config: MergeConfig, rows: list[dict], file
         run_id=uuid.uuid4().hex,
         mergefleet_version=mergefleet_version(),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        config=config.model_dump(mode="json", by_alias=True, exclude_none=True),
+        config=config.record(),
         config_hash=plan.config_hash,
         plan_hash=plan.plan_hash,
         method=plan.method.model_dump(),
-        inputs=[{"role": i.role, "url": i.url, "revision": i.revision, "files": list(i.files), "bytes": i.nbytes}
-                for i in plan.inputs],
+        inputs=input_records(plan, results),
         files=files,
         tensors_table_sha256=hashlib.sha256(parquet).hexdigest(),
         n_tensors=len(rows),
@@ -173,21 +212,24 @@ def commit_manifest(plan: ShardPlan, config: MergeConfig, rows: list[dict], file
 
 
 def publish(plan: ShardPlan, results: list[ShardResult], config: MergeConfig, timings: dict, prepared,
-            extra: dict) -> Manifest:
+            extra: dict, run_id: str) -> Manifest:
     """The shards' HF index and side files (in the method's output folder), the method's own files,
-    then the manifest (last, atomically). ``prepared``: what ``publish_inputs`` made while the shards ran."""
+    then the manifest (last, atomically), while ``run_id`` holds the claim. ``prepared``: what
+    ``publish_inputs`` made while the shards ran."""
     method = method_of(plan.method)
     t0 = time.perf_counter()
+    check_claim(plan.output, run_id)
     rows, files = shard_rows(plan, results)
     files.append(write_index(plan.output, rows, directory=method.output_dir))
-    files += copy_side_files(plan, config.output_dtype, directory=method.output_dir)
+    files += copy_side_files(plan, config, directory=method.output_dir)
     published = method.publish(plan, results, prepared)
     timings = {**timings, "publish": round(time.perf_counter() - t0, 4)}
+    check_claim(plan.output, run_id)
     return commit_manifest(plan, config, rows + published.rows, files + published.files, results, timings,
                            extra={**extra, **published.extra})
 
 
-def run_prepass(plan: ShardPlan, *, progress: bool) -> tuple[tuple[ShardSpec, ...], dict, dict]:
+def run_prepass(plan: ShardPlan, run_id: str, *, progress: bool) -> tuple[tuple[ShardSpec, ...], dict, dict]:
     """The plan's shards ready to merge, with what the method's model-wide pre-pass found (or what
     a resumed run already found); returns (shards, manifest extra, timings)."""
     t0 = time.perf_counter()
@@ -200,6 +242,7 @@ def run_prepass(plan: ShardPlan, *, progress: bool) -> tuple[tuple[ShardSpec, ..
     if found is None:
         return plan.shards, {}, {}
     if saved is None:
+        check_claim(plan.output, run_id)
         markers.write_state(plan.output, PREPASS_STATE, found.state)
     shards = tuple(dataclasses.replace(s, prepass=found.shard_data) for s in plan.shards)
     return shards, found.record, {"prepass": round(time.perf_counter() - t0, 4)}
@@ -221,11 +264,12 @@ def run_merge(config: MergeConfig, *, output_url: str | None = None, address: st
     t1 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as background:  # e.g. Twin loads transformers while the shards run
         prepared = background.submit(method_of(plan.method).publish_inputs, plan)
-        shards, extra, prepass_timings = run_prepass(plan, progress=progress)
+        shards, extra, prepass_timings = run_prepass(plan, state.run_id, progress=progress)
+        shards = tuple(dataclasses.replace(s, run_id=state.run_id) for s in shards)
         results = run_missing_shards(shards, state.done, progress=progress)
         timings = {"plan": round(t_plan, 4), **prepass_timings, "resumed_shards": len(state.done),
                    "run": round(time.perf_counter() - t1, 4)}
-        manifest = publish(plan, results, config, timings, prepared.result(), extra)
+        manifest = publish(plan, results, config, timings, prepared.result(), extra, state.run_id)
     markers.clear_state(plan.output)  # the manifest is the record from now on
     LOG.info("published %s (run %s)", plan.output_url, manifest.run_id)
     return manifest

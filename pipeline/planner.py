@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 
@@ -16,16 +17,12 @@ from workers.compiled import compile_from_environment
 from workers.methods import MethodOptions, get_method, method_of
 from workers.methods.base import task_bytes_per_element
 from workers.specs import ShardSpec, TensorTask
-from workers.storage import Location, join_url, open_fs
+from workers.storage import Location, check_bucket, check_storage_options, fingerprint, join_url, open_fs, overlap
 from workers.tensor_io import FLOAT_DTYPES, ModelFiles, TensorInfo, itemsize, resolve_model, rows_of
 
 LOG = logging.getLogger(__name__)
 
 DEFAULT_MIN_SHARDS = 8  # without `shards:`, a small model still spreads over several tasks
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
-)
 
 
 @dataclass(frozen=True)
@@ -102,8 +99,11 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _summarize(role: str, model: ModelFiles) -> InputSummary:
-    files = tuple({"url": h.url, "size": h.size, "header_sha256": h.header_sha256} for h in model.files)
+def _summarize(role: str, model: ModelFiles, storage_options: dict) -> InputSummary:
+    """The manifest's record of one input: per file its size, header sha256 and fingerprint (what
+    identifies this version of the file: mtime and inode, or the object's ETag / version)."""
+    files = tuple({"url": h.url, "size": h.size, "header_sha256": h.header_sha256,
+                   "fingerprint": fingerprint(h.url, storage_options)} for h in model.files)
     return InputSummary(role, model.source or model.url, files, sum(f["size"] for f in files), model.revision)
 
 
@@ -131,22 +131,13 @@ EMBEDDING_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weig
 
 
 def tied_copies(model: ModelFiles, model_config: dict) -> dict[str, str]:
-    """Names that are a second name for another tensor's weight: {copy: primary}.
-
-    Detected from identical data offsets in one file, or from ``tie_word_embeddings: true`` in
-    config.json with both ``lm_head.weight`` and an input embedding stored.
+    """Names that are a second name for another tensor's weight: {copy: primary}, from
+    ``tie_word_embeddings: true`` in config.json with both ``lm_head.weight`` and an input embedding
+    stored. (Two names sharing bytes in one file cannot occur: read_header refuses it, as safetensors does.)
     """
-    primary_at: dict[tuple, str] = {}
     tied: dict[str, str] = {}
-    for name in sorted(model.tensors, key=natural_key):
-        info = model.tensors[name]
-        location = (info.file_url, info.start, info.end)
-        if info.nbytes and location in primary_at:
-            tied[name] = primary_at[location]
-        else:
-            primary_at.setdefault(location, name)
     head = model.tensors.get("lm_head.weight")
-    if model_config.get("tie_word_embeddings") is True and head is not None and "lm_head.weight" not in tied:
+    if model_config.get("tie_word_embeddings") is True and head is not None:
         embedding = next((n for n in sorted(model.tensors) if n.endswith(EMBEDDING_SUFFIXES)
                           and model.tensors[n].shape == head.shape), None)
         if embedding:
@@ -187,8 +178,11 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
     url = output_url or config.output
     if not url:
         raise ConfigError("no output: give `output:` in the config or --output URL")
-    output = Location(url, storage_options or dict(config.storage))
+    output = _output_location(url, storage_options or dict(config.storage))
+    for model_url in {config.base_model, *(m.model for m in config.models)} - {None}:
+        check_storage_options(model_url, output.storage_options)
     inputs, reference, summaries = _inputs(config, options, output.storage_options)
+    _check_apart(output.url, inputs)
     tied = tied_copies(reference, _model_config(reference.url, output.storage_options))
     tasks = [_tensor_task(config, method, name, reference, inputs, tied.get(name))
              for name in sorted(reference.tensors, key=natural_key)]
@@ -225,10 +219,33 @@ def _inputs(config: MergeConfig, options: MethodOptions, storage_options: dict):
     experts = [resolve_model(m.model, storage_options=storage_options) for m in config.models]
     if options.uses_base:
         base = resolve_model(config.base_model, storage_options=storage_options)
-        return [base, *experts], base, [_summarize("base", base)] + [_summarize("expert", e) for e in experts]
+        return [base, *experts], base, [_summarize(role, m, storage_options)
+                                        for role, m in [("base", base), *(("expert", e) for e in experts)]]
     urls = [m.model for m in config.models]
     reference = experts[urls.index(config.base_model) if config.base_model in urls else 0]
-    return experts, reference, [_summarize("model", e) for e in experts]
+    return experts, reference, [_summarize("model", e, storage_options) for e in experts]
+
+
+def _output_location(url: str, storage_options: dict) -> Location:
+    """The output, checked before anything is written: a local path made absolute (so records made
+    from it, like an adapter's base path, load from anywhere), storage options the store takes,
+    an object store's bucket that exists."""
+    if "://" not in url:
+        url = os.path.abspath(url)
+    check_storage_options(url, storage_options)
+    check_bucket(url, storage_options)
+    return Location(url, storage_options)
+
+
+def _check_apart(output_url: str, inputs: list[ModelFiles]) -> None:
+    """Refuse an output equal to, inside or containing an input's location: the run would overwrite
+    the checkpoints it reads."""
+    for model in inputs:
+        where = model.url.rsplit("/", 1)[0] if model.url.endswith(".safetensors") else model.url
+        relation = overlap(output_url, where)
+        if relation:
+            raise ConfigError(f"output {output_url} {relation} the input {model.source or model.url}; the run would "
+                              "overwrite the checkpoints it reads. Choose an output outside every input")
 
 
 def _tensor_task(config: MergeConfig, method, name: str, reference: ModelFiles, inputs: list[ModelFiles],

@@ -9,6 +9,7 @@ from typing import Any
 import ray
 
 from manifests.markers import write_marker
+from pipeline.resume import check_claim
 from workers import shard_task
 from workers.memory import release_free_memory
 from workers.results import ScanResult, ShardResult
@@ -19,12 +20,15 @@ MAX_RETRIES = 3  # a shard is rerun elsewhere if its node dies
 
 @dataclass(frozen=True)
 class MergeShard:
-    """Make one shard's files, then mark it done (its files are complete), so a rerun can skip it."""
+    """Make one shard's files, then mark it done (its files are complete), so a rerun can skip it;
+    only while the run holds the output's claim (checked before and after)."""
 
     spec: ShardSpec
 
     def run(self) -> ShardResult:
+        check_claim(self.spec.output, self.spec.run_id)
         result = shard_task.run_shard(self.spec)
+        check_claim(self.spec.output, self.spec.run_id)
         write_marker(self.spec.output, result)
         return result
 

@@ -8,6 +8,7 @@ The real MiniLM (three perturbed copies) checks the artefacts, router training a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -330,8 +331,8 @@ def test_interrupted_twin_run_resumes_only_missing_shards(tmp_path, llama):
 
     config = _twin_config(llama.base, llama.experts, tmp_path / "out", FULL_RANK, shards=3)
     plan = build_plan(config)
-    prepare_output(plan, overwrite=False)  # the plan record, as a run writes it first
-    ray.get(submit(MergeShard(plan.shards[1]), use_gpu=False))
+    state = prepare_output(plan, overwrite=False)  # the plan record (the claim), as a run writes it first
+    ray.get(submit(MergeShard(dataclasses.replace(plan.shards[1], run_id=state.run_id)), use_gpu=False))
     assert main(["status", str(tmp_path / "out")]) == 0
     manifest = run_merge(config, progress=False)
     assert manifest.timings["resumed_shards"] == 1

@@ -54,6 +54,7 @@ class ShardResult:
     planned_bytes: int = 0  # the spec's memory_bytes, which peak_rss_anon should stay under
     extra_files: tuple[WrittenFile, ...] = ()  # the method's other outputs of this shard (Twin: factor files)
     records: tuple[dict[str, Any], ...] = ()  # the method's per-tensor records (Twin: rank, error, bytes)
+    input_sha256: tuple[tuple[str, int, str], ...] = ()  # (input file URL, data start, sha256) of each tensor read whole
 
     def files(self) -> list[tuple[str, int]]:
         """(name relative to the output root, size) of every file the shard wrote."""
@@ -67,7 +68,8 @@ class ShardResult:
         return cls(**{**data, "tensors": _tensors(data["tensors"]),
                       "extra_files": tuple(WrittenFile(**{**f, "tensors": _tensors(f["tensors"])})
                                            for f in data.get("extra_files", ())),
-                      "records": tuple(data.get("records", ()))})
+                      "records": tuple(data.get("records", ())),
+                      "input_sha256": tuple(tuple(x) for x in data.get("input_sha256", ()))})
 
 
 def _tensors(rows: list[dict]) -> tuple[WrittenTensor, ...]:

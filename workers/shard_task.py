@@ -79,7 +79,8 @@ def run_shard(spec: ShardSpec) -> ShardResult:
              timer.seconds["total"])
     return ShardResult(spec.index, spec.file_name, file_sha, writer.bytes_written, tuple(writer.results),
                        reader.bytes_read, dict(timer.seconds), str(device), memory.peak, memory.start,
-                       spec.memory_bytes, extra_files, records)
+                       spec.memory_bytes, extra_files, records,
+                       tuple((url, start, sha) for (url, start), sha in sorted(reader.read_sha256.items())))
 
 
 def run_scan(spec: ShardSpec, scan: Scan) -> ScanResult:

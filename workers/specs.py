@@ -40,6 +40,7 @@ class ShardSpec:
     chunk_budget: int = 0  # bytes the task's tensors may hold at once (memory_budget less process_reserve)
     compile_kernels: bool = True  # torch.compile large chunks (decided once, at the edge)
     prepass: Any = None  # what the method's model-wide pre-pass found (TIES global trim: thresholds, zero sign)
+    run_id: str = ""  # the run that holds the output's claim; a task whose run lost it writes nothing
 
     @property
     def storage_options(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import time
@@ -210,3 +211,80 @@ def _precondition_failed(exc: BaseException) -> bool:
             if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
                 return True
     return False
+
+
+_GENERIC_OPTIONS = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+_REMOTE_IDENTITY_KEYS = ("ETag", "etag", "VersionId", "version_id", "generation", "md5Hash", "LastModified", "mtime",
+                         "updated")
+
+
+def check_storage_options(url: str, storage_options: dict[str, Any]) -> None:
+    """Refuse storage options the filesystem of ``url`` does not take, naming them and what it takes
+    (fsspec would pass them on until a client library fails with a bare TypeError)."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol == "hf":
+        return  # Hub inputs resolve through the Hub cache (workers/hub.py), not through these options
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError):
+        return  # open_fs names the missing backend
+    if "file" in (cls.protocol if isinstance(cls.protocol, tuple) else (cls.protocol,)):
+        return  # the local filesystem ignores options meant for the object store
+    accepted = set(_GENERIC_OPTIONS)
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            accepted |= {p for p, v in inspect.signature(init).parameters.items()
+                         if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD) and p != "self"}
+    unknown = sorted(set(storage_options) - accepted)
+    if unknown:
+        raise CheckpointError(f"storage option(s) {unknown} are not options of {cls.__module__}.{cls.__name__} "
+                              f"(for {url}); it takes {sorted(accepted)}. Fix the config's storage: section")
+
+
+def fingerprint(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies this version of a file without reading it: a local file's size, mtime_ns and
+    inode; an object's ETag / version id / generation and modification time as the store reports them."""
+    fs, path = open_fs(url, storage_options)
+    if is_local(fs):
+        st = os.stat(path)
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    info = with_retries(url, fs.info, path)
+    return {"size": info.get("size"), **{k: str(info[k]) for k in _REMOTE_IDENTITY_KEYS if info.get(k) is not None}}
+
+
+def canonical(url: str) -> tuple[str, str]:
+    """(protocol, normalised path) of a URL or local path: symlinks resolved for local paths, so two
+    spellings of one location compare equal."""
+    fs, path = open_fs(url)
+    if is_local(fs):
+        return "file", os.path.realpath(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, path.rstrip("/")
+
+
+def overlap(a: str, b: str) -> str | None:
+    """How location ``a`` relates to ``b``: "is", "lies inside", "contains", or None when apart."""
+    (pa, xa), (pb, xb) = canonical(a), canonical(b)
+    if pa != pb:
+        return None
+    if xa == xb:
+        return "is"
+    if xa.startswith(xb.rstrip("/") + "/"):
+        return "lies inside"
+    if xb.startswith(xa.rstrip("/") + "/"):
+        return "contains"
+    return None
+
+
+def check_bucket(url: str, storage_options: dict[str, Any]) -> None:
+    """An object-store output's bucket must exist: writing would otherwise create it (s3fs does)."""
+    fs, path = open_fs(url, storage_options)
+    if is_local(fs) or "://" not in url:
+        return
+    bucket = path.split("/", 1)[0]
+    with storage_errors(url, "the output bucket"):
+        exists = with_retries(url, fs.exists, bucket)
+    if not exists:
+        raise CheckpointError(f"{url}: bucket {bucket!r} does not exist; create it first (mergefleet never creates "
+                              "buckets) or fix the output URL")

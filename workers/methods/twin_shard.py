@@ -106,6 +106,10 @@ class KeptReads:
     def bytes_read(self) -> int:
         return self._reader.bytes_read
 
+    @property
+    def read_sha256(self) -> dict[tuple[str, int], str]:
+        return self._reader.read_sha256
+
     def keep(self, infos: tuple[TensorInfo, ...]) -> None:
         """Keep the reads of ``infos`` from now on, and drop what was kept before."""
         self._keep = frozenset(infos)
