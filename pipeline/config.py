@@ -68,6 +68,7 @@ class MergeConfig(_Frozen):
     memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET  # anonymous memory per shard task, its process included
     process_reserve: Union[int, str] = DEFAULT_PROCESS_RESERVE  # part of memory_budget the worker process itself holds
     nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in a merged input: fail naming it, or merge anyway
+    input_checksums: bool = True  # sha256 each input tensor as it is read, into the manifest (~1 core-second per GB read)
     storage: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)  # fsspec storage options (endpoint_url, key, secret, client_kwargs, ...) over the environment's (AWS_*, FSSPEC_S3_*); never dumped, hashed or logged
 
     @model_validator(mode="before")

@@ -164,7 +164,8 @@ def shard_rows(plan: ShardPlan, results: list[ShardResult]) -> tuple[list[dict],
 def input_records(plan: ShardPlan, results: list[ShardResult]) -> list[dict]:
     """The manifest's inputs: per file its size, header sha256, fingerprint, and ``read_sha256``:
     sha256 over "<offset> <sha256>" lines (by offset) of every tensor the shards read from it whole,
-    each hashed as it was read (no extra read); ``read_tensors`` counts them."""
+    each hashed as it was read (no extra read); ``read_tensors`` counts them (``input_checksums: false``:
+    None and 0)."""
     read: dict[str, dict[int, str]] = {}
     for result in results:
         for url, start, sha in result.input_sha256:
@@ -175,7 +176,7 @@ def input_records(plan: ShardPlan, results: list[ShardResult]) -> list[dict]:
         for f in i.files:
             tensors = read.get(f["url"], {})
             digest = hashlib.sha256("".join(f"{start} {tensors[start]}\n" for start in sorted(tensors)).encode())
-            files.append({**f, "read_sha256": digest.hexdigest(), "read_tensors": len(tensors)})
+            files.append({**f, "read_sha256": digest.hexdigest() if tensors else None, "read_tensors": len(tensors)})
         records.append({"role": i.role, "url": i.url, "revision": i.revision, "files": files, "bytes": i.nbytes})
     return records
 

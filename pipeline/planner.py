@@ -201,7 +201,8 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
                   tuple(tasks[j] for j in group), options, nan_policy=config.nan_policy,
                   memory_bytes=config.process_reserve_bytes + max(
                       method.tensor_memory(tasks[j], options, config.chunk_budget_bytes) for j in group),
-                  chunk_budget=config.chunk_budget_bytes, compile_kernels=compile_kernels)
+                  chunk_budget=config.chunk_budget_bytes, compile_kernels=compile_kernels,
+                  input_checksums=config.input_checksums)
         for i, group in enumerate(groups)
     )
     plan_hash = hashlib.sha256(json.dumps(

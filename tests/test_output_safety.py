@@ -377,3 +377,11 @@ def test_inputs_read_sha256_is_the_same_for_any_shard_count_and_chunking(models,
     expected = hashlib.sha256("".join(f"{a} {hashlib.sha256(raw[a:b]).hexdigest()}\n" for a, b in spans).encode())
     assert one.inputs[0]["files"][0]["read_sha256"] == expected.hexdigest()
     assert one.inputs[0]["files"][0]["read_tensors"] == len(names)
+
+
+def test_input_checksums_can_be_turned_off(models, tmp_path):
+    start_embedded_ray()
+    base, experts = models
+    manifest = run_merge(load_config(_ties(base, experts, tmp_path / "out", input_checksums=False)), progress=False)
+    assert all(f["read_sha256"] is None and f["read_tensors"] == 0 and f["fingerprint"]
+               for i in manifest.inputs for f in i["files"])

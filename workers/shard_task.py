@@ -48,7 +48,7 @@ def run_shard(spec: ShardSpec) -> ShardResult:
     t_start = time.perf_counter()
     device, timer = pick_device(), Timer()
     body = method_of(spec.method).shard_body(spec)
-    reader = body.wrap_reader(RangeReader(spec.storage_options))
+    reader = body.wrap_reader(RangeReader(spec.storage_options, checksums=spec.input_checksums))
     chunks = ChunkReader(reader, device, timer)
     ctx = ShardContext(chunks, Compiler(spec.compile_kernels))
     writer = ShardWriter(spec.output.join(spec.file_name), [(t.name, t.out_dtype, t.shape) for t in spec.tensors],

@@ -39,6 +39,7 @@ class ShardSpec:
     memory_bytes: int = 0  # planned anonymous memory of the task's process (asked of Ray): reserve + largest chunk
     chunk_budget: int = 0  # bytes the task's tensors may hold at once (memory_budget less process_reserve)
     compile_kernels: bool = True  # torch.compile large chunks (decided once, at the edge)
+    input_checksums: bool = True  # sha256 every input tensor as it is read (the manifest's read_sha256)
     prepass: Any = None  # what the method's model-wide pre-pass found (TIES global trim: thresholds, zero sign)
     run_id: str = ""  # the run that holds the output's claim; a task whose run lost it writes nothing
 
