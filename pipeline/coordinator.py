@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +54,9 @@ def mergefleet_version() -> str:
 
 
 def connect_ray(address: str | None = None) -> None:
-    """Join a cluster at ``address``, or start an embedded local Ray (reused if already up)."""
+    """Join a cluster at ``address``, or start an embedded local Ray (reused if already up), with a
+    watchdog that reaps its processes should this process die without shutting it down
+    (pipeline/ray_watchdog.py)."""
     if ray.is_initialized():
         return
     if address:
@@ -60,6 +64,8 @@ def connect_ray(address: str | None = None) -> None:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
+        subprocess.Popen([sys.executable, "-m", "pipeline.ray_watchdog", str(os.getpid())], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def run_jobs(jobs: list[MergeShard | ScanShard], *, progress: bool = True, desc: str = "merge") -> list:

@@ -51,15 +51,13 @@ def _shas(out):
 
 
 def _kill_session_processes(marker: str) -> None:
-    """SIGKILL every process whose command line mentions ``marker`` (the run's private Ray temp dir)."""
+    """SIGKILL every process of the run's private Ray session (see ``_session_processes``)."""
     import os
     import signal
 
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in _session_processes(marker):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    os.kill(int(pid), signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
         except (OSError, ProcessLookupError):
             pass
 
@@ -116,3 +114,58 @@ def test_rerun_of_complete_output_is_a_no_op_and_other_config_is_refused(tmp_pat
     with pytest.raises(OutputInUseError, match="--overwrite"):
         run_merge(load_config(_ties(base, experts, out, parameters={"lambda": 0.5})), progress=False)
     assert main(["status", str(out)]) == 0
+
+
+def test_killed_coordinator_leaves_no_ray_process_behind(tmp_path):
+    """SIGKILL to the coordinator alone (as the OOM killer sends it): its embedded Ray's processes
+    (the dashboard and runtime-env agents included, which Ray alone leaves for a minute) are gone
+    within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import yaml
+
+    base, experts = _big_models(tmp_path / "in")
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(_ties(base, experts, tmp_path / "out", shards=16)))
+    ray_tmp = tempfile.mkdtemp(prefix="mfreap", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "MERGEFLEET_COMPILE": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(path), "--no-progress"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_dir = tmp_path / "out" / "_mergefleet" / "done"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (done_dir.exists() and any(done_dir.iterdir())):
+            time.sleep(0.05)
+        assert _session_processes(ray_tmp), "no Ray process seen while the run was going"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _session_processes(ray_tmp):
+            time.sleep(0.5)
+        assert _session_processes(ray_tmp) == {}
+    finally:
+        _kill_session_processes(ray_tmp)
+
+
+def _session_processes(marker: str) -> dict[int, str]:
+    """{pid: command line} of the processes whose command line or environment names ``marker`` (a
+    Ray session's temp dir: Ray's agents retitle themselves, but keep the RAY_TMPDIR they inherited)."""
+    import os
+
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if marker.encode() in cmdline or marker.encode() in environ:
+            found[int(pid)] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
+    return found

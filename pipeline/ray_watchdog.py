@@ -1,0 +1,54 @@
+"""Reap an embedded Ray's processes once the coordinator that started them is gone.
+
+A coordinator killed without shutting Ray down (SIGKILL, the OOM killer) leaves Ray's dashboard
+and runtime-env agents behind for a minute or more: they notice the raylet's death within seconds,
+then spend 60 s trying to report it to the GCS, which died too. ``connect_ray`` starts this
+watchdog (embedded Ray only) in its own session, so a signal to the coordinator's process group
+does not reach it: it keeps a list of the coordinator's descendants, and a few seconds after the
+coordinator exits it kills those still running (psutil compares creation times, so a reused pid
+is never hit). After a normal exit there is nothing left to kill.
+
+    python -m pipeline.ray_watchdog COORDINATOR_PID
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import psutil
+
+POLL_SECONDS = 1.0  # how often the descendants are listed while the coordinator runs
+GRACE_SECONDS = 3.0  # after the coordinator is gone: time for Ray's own shutdown before killing
+
+
+def watch(pid: int) -> int:
+    """Wait for ``pid`` to exit, then kill what is left of its descendants; returns how many."""
+    try:
+        coordinator = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return 0
+    me = psutil.Process().pid
+    descendants: dict[int, psutil.Process] = {}
+    while coordinator.is_running() and coordinator.status() != psutil.STATUS_ZOMBIE:
+        try:
+            descendants.update({p.pid: p for p in coordinator.children(recursive=True) if p.pid != me})
+        except psutil.Error:
+            pass
+        time.sleep(POLL_SECONDS)
+    time.sleep(GRACE_SECONDS)
+    killed = 0
+    for process in descendants.values():
+        try:
+            if process.is_running():
+                process.kill()
+                killed += 1
+        except psutil.Error:
+            pass
+    return killed
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
+    watch(int(sys.argv[1]))
