@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipeline import mergefleet_version
+
 LOG = logging.getLogger("mergefleet")
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -32,7 +34,9 @@ def _cmd_run(args) -> int:
     from pipeline.config import load_config
     from pipeline.coordinator import run_merge
 
-    manifest = run_merge(load_config(args.config), output_url=args.output, address=args.address,
+    if args.out and args.output and args.out != args.output:
+        raise ValueError(f"two outputs given: {args.out} (positional) and --output {args.output}; give one")
+    manifest = run_merge(load_config(args.config), output_url=args.out or args.output, address=args.address,
                          overwrite=args.overwrite, progress=not args.no_progress)
     print(json.dumps(_summary(manifest), indent=2))
     return 0
@@ -193,6 +197,7 @@ def _summary(manifest) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergefleet", description="Distributed merging of fine-tuned experts on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"mergefleet {mergefleet_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="plan, merge on Ray and publish the output",
                          description="Plan, merge on Ray and publish the output. The same config on an output it "
@@ -202,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "  130  interrupted (Ctrl-C): nothing published; rerun to resume",
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", help="merge YAML (mergekit format)")
+    run.add_argument("out", nargs="?", help="output URL, as mergekit-yaml CONFIG OUT takes it (same as --output)")
     run.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     run.add_argument("--output", help="output URL (overrides `output:` in the config)")
     run.add_argument("--overwrite", action="store_true", help="replace an output that already holds a run")

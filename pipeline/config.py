@@ -25,9 +25,13 @@ from workers.methods import (
     model_owners_of,
     validate_parameters,
 )
-from workers.methods.base import describe_errors
+from workers.methods.base import describe_errors, keys_of, unknown_key
 from workers.tensor_io import DTYPE_ALIASES
 
+MERGEKIT_CONFIG_KEYS = frozenset({  # mergekit 0.1.5's config keys (top level and per model), supported here or not
+    "modules", "slices", "models", "merge_method", "base_model", "dtype", "tokenizer_source", "tokenizer",
+    "chat_template", "out_dtype", "parameters", "model", "layer_range", "sources",
+})
 DEFAULT_MEMORY_BUDGET = 4 * 1024**3
 DEFAULT_PROCESS_RESERVE = "512MiB"  # a CPU worker with Python, torch, Ray and the compiled kernels: 0.2-0.5 GB
 DEFAULT_SHARD_BYTES = 1024**3
@@ -167,7 +171,8 @@ def _model_entry(entry, index: int, per_model: type[MethodParameters], method: s
     try:
         return {**entry, "parameters": per_model.model_validate(dict(entry.get("parameters") or {}))}
     except ValidationError as exc:
-        raise ConfigError(describe_errors(exc, f"models.{index}.parameters", method, model_owners_of)) from None
+        raise ConfigError(describe_errors(exc, f"models.{index}.parameters", method, model_owners_of,
+                                          keys_of(per_model))) from None
 
 
 def load_config(source: Union[str, Path, dict[str, Any]]) -> MergeConfig:
@@ -215,7 +220,9 @@ def _describe(error: dict) -> str:
     if not key:  # a check across keys (model validator): the message names them
         return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        return f"unknown key {key!r} (see the config reference in README.md)"
+        name = str(error["loc"][-1])
+        valid = list(ModelEntry.model_fields) if len(error["loc"]) > 1 else list(MergeConfig.model_fields)
+        return unknown_key(key, name, valid, mergekit_has=name in MERGEKIT_CONFIG_KEYS)
     if error["type"] == "missing":
         return f"missing required key {key!r}"
     return f"{key}: {error['msg']}"

@@ -18,7 +18,6 @@ import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 
 import ray
 from tqdm import tqdm
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from manifests import markers
 from manifests.schema import Manifest, OutputFile
 from manifests.writer import tensor_table_bytes, write_manifest
+from pipeline import mergefleet_version
 from pipeline.config import MergeConfig
 from pipeline.planner import ShardPlan, build_plan
 from pipeline.ray_tasks import MergeShard, ScanShard, submit
@@ -44,13 +44,6 @@ PREPASS_STATE = "prepass.json"  # a resumed run reuses what its method's pre-pas
 
 class RunError(RuntimeError):
     """A run failed; nothing was published."""
-
-
-def mergefleet_version() -> str:
-    try:
-        return metadata.version("mergefleet")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def connect_ray(address: str | None = None) -> None:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pipeline.config import DEFAULT_SHARD_BYTES, ConfigError, MergeConfig, parse_bytes
 from workers.compiled import compile_from_environment
 from workers.methods import MethodOptions, get_method, method_of
-from workers.methods.base import task_bytes_per_element
+from workers.methods.base import expert_models, task_bytes_per_element
 from workers.specs import ShardSpec, TensorTask
 from workers.storage import Location, check_bucket, check_storage_options, fingerprint, join_url, open_fs, overlap
 from workers.tensor_io import FLOAT_DTYPES, ModelFiles, TensorInfo, itemsize, resolve_model, rows_of
@@ -217,7 +217,8 @@ def _inputs(config: MergeConfig, options: MethodOptions, storage_options: dict):
     """(models in input order, the reference model, their summaries): the base first when the
     method reads one; otherwise (linear) copies come from base_model when it is among the models,
     else from the first model."""
-    experts = [resolve_model(m.model, storage_options=storage_options) for m in config.models]
+    experts = [resolve_model(m.model, storage_options=storage_options)
+               for m in expert_models(config, options.uses_base)]
     if options.uses_base:
         base = resolve_model(config.base_model, storage_options=storage_options)
         return [base, *experts], base, [_summarize(role, m, storage_options)

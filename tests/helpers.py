@@ -37,9 +37,10 @@ def read_output(out: Path) -> dict[str, torch.Tensor]:
 
 
 def trim_reference(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Per-tensor trim (docs/algorithms.md): keep the first int(density·numel) of a stable sort by (−|τ|, index)."""
+    """Per-tensor trim (docs/algorithms.md): keep the first n of a stable sort by (−|τ|, index), with
+    n = every element at density ≥ 1, else max(1, int(density·numel)) (mergekit 0.1.5)."""
     flat = tau.reshape(-1).tolist()
-    n_keep = int(density * len(flat))
+    n_keep = len(flat) if density >= 1 else max(1, int(density * len(flat))) if flat else 0
     order = sorted(range(len(flat)), key=lambda i: (-abs(flat[i]), i))[:n_keep]
     keep = torch.zeros(len(flat), dtype=torch.bool)
     keep[order] = True

@@ -66,7 +66,7 @@ def test_long_yaml_text_parses():
 
 def test_defaults_resolved():
     ties = resolve_method(load_config(_ties()))
-    assert ties.normalize is True and ties.lam == 1.0 and ties.densities == (0.2, 0.2) and ties.weights == (1.0, 1.0)
+    assert ties.normalize is True and ties.lam == 1.0 and ties.densities == (1.0, 1.0) and ties.weights == (1.0, 1.0)  # mergekit
     assert ties.trim_scope == "tensor" and ties.zero_sign == "positive" and ties.sign_method == "sum"
     ta = resolve_method(load_config({**_ties(), "merge_method": "task_arithmetic"}))
     assert ta.normalize is False and ta.lam == 1.0 and ta.densities == (1.0, 1.0)

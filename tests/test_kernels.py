@@ -261,8 +261,9 @@ def test_ties_majority_all_zero_votes_is_positive(tmp_path):
     assert torch.equal(merged["w"], torch.full((3, 2), 0.5))
 
 
-def test_ties_density_below_one_element_keeps_nothing(tmp_path):
-    """int(density·numel) == 0 for every tensor: every τ is trimmed and θ = θ₀ exactly."""
+def test_ties_density_below_one_element_keeps_one(tmp_path):
+    """int(density·numel) == 0 for every tensor: mergekit 0.1.5 still keeps the largest |τ| of each
+    expert (a positive density keeps at least one element), and so do we."""
     base, experts = gaussian_models(2, seed=11)
     base_dir, expert_dirs = write_inputs(tmp_path, base, experts)
     density = 0.002  # largest tensor has 264 elements: int(0.002·264) == 0
@@ -270,11 +271,14 @@ def test_ties_density_below_one_element_keeps_nothing(tmp_path):
                                          dtype="float32", parameters={"lambda": 1.7}))
     for name, b in base.items():
         assert int(density * b.numel()) == 0
-        assert torch.equal(merged[name], b), name
+        expected = merge_reference("ties", b, [e[name] for e in experts], weights=[1.0, 1.0], densities=[density] * 2,
+                                   lam=1.7, dtype=torch.float32)
+        assert torch.equal(merged[name], expected), name
+        assert 1 <= int((merged[name] != b).sum()) <= 2, name
 
 
 def test_ties_mixed_trivial_and_selected_densities(tmp_path):
-    """One expert keeps nothing, one keeps everything, one is trimmed."""
+    """One expert keeps one element, one keeps everything, one is trimmed."""
     base, experts = gaussian_models(3, seed=12)
     base_dir, expert_dirs = write_inputs(tmp_path, base, experts)
     densities = [0.001, 1.0, 0.37]
@@ -471,14 +475,16 @@ def test_zero_dim_and_empty_tensors(tmp_path):
         assert torch.equal(merged[name], expected), name
 
 
-def test_default_density_is_spec_default(tmp_path):
-    """No density anywhere: docs/algorithms.md's 0.2 (not mergekit's 1.0)."""
+def test_default_density_is_mergekits(tmp_path, caplog):
+    """No density anywhere: mergekit's 1.0 (no trim), with a hint naming the paper's 0.2."""
     base, experts = gaussian_models(2, seed=14)
     base_dir, expert_dirs = write_inputs(tmp_path, base, experts)
-    merged, plan = run_pipeline(make_config("ties", base_dir, expert_dirs, tmp_path / "out", dtype="float32"))
-    assert plan.method.densities == (0.2, 0.2)
+    with caplog.at_level("WARNING"):
+        merged, plan = run_pipeline(make_config("ties", base_dir, expert_dirs, tmp_path / "out", dtype="float32"))
+    assert plan.method.densities == (1.0, 1.0)
+    assert "density: 0.2" in caplog.text
     for name, b in base.items():
-        expected = merge_reference("ties", b, [e[name] for e in experts], weights=[1.0, 1.0], densities=[0.2, 0.2],
+        expected = merge_reference("ties", b, [e[name] for e in experts], weights=[1.0, 1.0], densities=[1.0, 1.0],
                                    dtype=torch.float32)
         assert torch.equal(merged[name], expected), name
     assert math.isclose(plan.method.lam, 1.0)

@@ -158,12 +158,12 @@ def implementation_rule(tau: torch.Tensor, density: float, row_chunks: list[tupl
     numel = tau.numel()
     k = selection.top_n_k(numel, density)
     if k is None:
-        return selection.trivial_top_n_rule(numel, density)
+        return TrimRule.keep_all()
     parts = [tau[a:b].reshape(1, -1) for a, b in row_chunks]
     high = high_counts(parts)[0]
     bucket, _ = selection.locate(high, k)
     low = low_counts(parts, [bucket])[0]
-    return selection.top_n_rule(high, bucket, low, int(density * numel))
+    return selection.top_n_rule(high, bucket, low, selection.keep_count(numel, density))
 
 
 def trim_chunk(chunk: torch.Tensor, rule: TrimRule, ties_before: int) -> tuple[torch.Tensor, int]:
@@ -198,7 +198,7 @@ def _check_trim(tau: torch.Tensor, density: float, row_chunks) -> None:
     got = trim_in_chunks(tau, rule, row_chunks)
     expected = trim_reference(tau, density)
     assert torch.equal(got, expected), (rule, (got != expected).nonzero()[:5])
-    n_keep = int(density * tau.numel())
+    n_keep = selection.keep_count(tau.numel(), density)
     n_nonzero = int((tau != 0).sum())
     assert int((got != 0).sum()) == min(n_keep, n_nonzero)
 
@@ -241,13 +241,19 @@ def test_top_n_trim_ties_at_threshold_keep_lowest_indices_across_chunks():
 
 
 @pytest.mark.parametrize("numel, density, expected", [
-    (10, 1.0, None), (10, 0.05, None), (10, 0.1, 10), (10, 0.5, 6), (7, 0.999, 2), (0, 0.5, None)])
+    (10, 1.0, None), (10, 0.05, 10), (10, 0.1, 10), (10, 0.5, 6), (7, 0.999, 2), (0, 0.5, None), (1, 0.3, None)])
 def test_top_n_k(numel, density, expected):
+    """mergekit 0.1.5's count: a positive density keeps at least one element (0.05 of 10: one)."""
     assert selection.top_n_k(numel, density) == expected
 
 
-def test_trivial_rules_keep_all_or_none():
+@pytest.mark.parametrize("numel, density, expected", [(10, 1.0, 10), (10, 0.05, 1), (10, 0.39, 3), (0, 0.5, 0)])
+def test_keep_count(numel, density, expected):
+    assert selection.keep_count(numel, density) == expected
+
+
+def test_keep_all_rule_and_the_one_element_floor():
     tau = torch.tensor([[1.0, -2.0], [0.0, 3e38]])
-    assert torch.equal(trim_in_chunks(tau, selection.trivial_top_n_rule(4, 1.0), [(0, 2)]), tau)
-    assert torch.equal(trim_in_chunks(tau, selection.trivial_top_n_rule(4, 0.2), [(0, 1), (1, 2)]),
-                       torch.zeros(2, 2))
+    assert torch.equal(trim_in_chunks(tau, TrimRule.keep_all(), [(0, 2)]), tau)
+    one = trim_in_chunks(tau, implementation_rule(tau, 0.2, [(0, 1), (1, 2)]), [(0, 1), (1, 2)])
+    assert torch.equal(one, torch.tensor([[0.0, 0.0], [0.0, 3e38]]))  # int(0.2·4) = 0, but one is kept

@@ -104,12 +104,15 @@ def top_n_rule(high: torch.Tensor, bucket: int, low: torch.Tensor, n_keep: int) 
     return TrimRule(stat.value, None if quota >= stat.n_equal else quota)
 
 
+def keep_count(numel: int, density: float) -> int:
+    """How many |τ| a per-tensor trim keeps, as mergekit 0.1.5 counts: every element at density ≥ 1,
+    else max(1, int(density·numel)) (a positive density keeps at least one), 0 of an empty tensor."""
+    if numel == 0:
+        return 0
+    return numel if density >= 1 else max(1, int(density * numel))
+
+
 def top_n_k(numel: int, density: float) -> int | None:
-    """The 1-based rank k to select for a per-tensor trim, or None when no selection is needed."""
-    n_keep = int(density * numel)
-    return None if n_keep in (0, numel) or numel == 0 else numel - n_keep + 1
-
-
-def trivial_top_n_rule(numel: int, density: float) -> TrimRule:
-    """The rule when ``top_n_k`` says no selection is needed (keep all or keep none)."""
-    return TrimRule.keep_none() if int(density * numel) == 0 and numel else TrimRule.keep_all()
+    """The 1-based rank k to select for a per-tensor trim, or None when everything is kept."""
+    n_keep = keep_count(numel, density)
+    return None if n_keep == numel else numel - n_keep + 1

@@ -10,6 +10,7 @@ The definitions of the methods are in docs/algorithms.md.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -75,12 +76,40 @@ def warn_unused_density(config, method: str) -> None:
                     method, given)
 
 
+def expert_models(config, uses_base: bool) -> tuple:
+    """The `models:` entries merged as experts. With a base model, an entry naming the base itself is
+    the base, not one more weighted expert (mergekit's README lists the base this way)."""
+    if not uses_base or not config.base_model:
+        return tuple(config.models)
+    experts = tuple(m for m in config.models if m.model != config.base_model)
+    if not experts:
+        raise ConfigError(f"models: lists only the base model {config.base_model!r}; list the experts to merge into it")
+    return experts
+
+
 def first(*values):
     """The first value that is not None (a per-model value, then the top-level one, then the default)."""
     return next(v for v in values if v is not None)
 
 
-def describe_errors(exc: ValidationError, path: str, method: str, owners: Callable[[str], list[str]]) -> str:
+MERGEKIT_PARAMETERS = frozenset({  # every parameter a mergekit 0.1.5 method takes (top level or per model)
+    "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "select_topk", "t",
+    "nuslerp_flatten", "nuslerp_row_wise", "filter_wise", "max_iter", "tol", "similarity_threshold", "eps",
+})
+
+
+def unknown_key(key: str, name: str, valid: list[str], *, mergekit_has: bool) -> str:
+    """The message for a refused key: whether mergekit has it (not supported here yet) or neither
+    does (a typo), and the nearest valid key."""
+    near = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    why = ("mergekit has it; mergefleet does not support it yet" if mergekit_has
+           else "neither mergekit nor mergefleet has it")
+    hint = f"; did you mean {near[0]!r}?" if near else " (see the config reference in README.md)"
+    return f"unknown key {key!r}: {why}{hint}"
+
+
+def describe_errors(exc: ValidationError, path: str, method: str, owners: Callable[[str], list[str]],
+                    valid: list[str] = ()) -> str:
     """One message naming every invalid key under ``path``; a key another method accepts says which."""
     messages = []
     for error in exc.errors():
@@ -92,7 +121,7 @@ def describe_errors(exc: ValidationError, path: str, method: str, owners: Callab
                 messages.append(f"{key} is an option of {' / '.join(others)}, not of {method}; "
                                 f"it needs merge_method: {others[0]}")
             else:
-                messages.append(f"unknown key {key!r} (see the config reference in README.md)")
+                messages.append(unknown_key(key, loc[-1], list(valid), mergekit_has=loc[-1] in MERGEKIT_PARAMETERS))
         elif not loc:  # a check across keys: the message names them
             messages.append(error["msg"].removeprefix("Value error, "))
         else:
@@ -115,6 +144,11 @@ def task_bytes_per_element(task: TensorTask) -> int:
     """``default_bytes_per_element`` of one tensor's inputs and output."""
     return default_bytes_per_element(len(task.inputs), max(itemsize(i.dtype) for i in task.inputs),
                                      itemsize(task.out_dtype))
+
+
+def keys_of(parameters: type[BaseModel]) -> list[str]:
+    """The keys a parameter model accepts, as a config spells them (aliases such as ``lambda``)."""
+    return [info.alias or name for name, info in parameters.model_fields.items()]
 
 
 def row_elements(shape: tuple[int, ...]) -> int:
@@ -165,7 +199,7 @@ class MergeMethod:
         try:
             return self.parameters.model_validate(raw)
         except ValidationError as exc:
-            raise ConfigError(describe_errors(exc, path, self.name, owners)) from None
+            raise ConfigError(describe_errors(exc, path, self.name, owners, keys_of(self.parameters))) from None
 
     def check_base(self, config) -> None:
         if self.needs_base and not config.base_model:

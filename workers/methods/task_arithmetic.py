@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from workers.kernels import linear
-from workers.methods.base import MergeMethod, MethodOptions, MethodParameters, Scalar, first, warn_unused_density
+from workers.methods.base import MergeMethod, MethodOptions, MethodParameters, Scalar, expert_models, first, warn_unused_density
 from workers.methods.linear import check_normalizable
 
 
@@ -42,7 +42,7 @@ class TaskVectorOptions(MethodOptions):
 
 def expert_weights(config) -> tuple[float, ...]:
     """Per expert: its weight, else the top-level weight, else 1.0."""
-    return tuple(first(m.parameters.weight, config.parameters.weight, 1.0) for m in config.models)
+    return tuple(first(m.parameters.weight, config.parameters.weight, 1.0) for m in expert_models(config, True))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ reach every shard as ``spec.prepass``. docs/algorithms.md §4.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,11 +16,14 @@ from pydantic import Field, model_validator
 
 from workers.kernels import ties
 from workers.methods import ties_global
-from workers.methods.base import MergeMethod, MethodParameters, Scalar, first
+from workers.methods.base import MergeMethod, MethodParameters, Scalar, expert_models, first
 from workers.methods.task_arithmetic import TaskVectorOptions, expert_weights
 from workers.methods.ties_passes import TrimCuts, per_tensor_rules, sign_sum
 
-DEFAULT_DENSITY = 0.2  # the paper's recipe (mergekit's own default is 1.0: set density to match it)
+LOG = logging.getLogger(__name__)
+
+DEFAULT_DENSITY = 1.0  # mergekit's default: no trim (the TIES paper's recipe is 0.2; a hint says so)
+PAPER_DENSITY = 0.2
 
 
 class TiesModelParameters(MethodParameters):
@@ -29,7 +33,7 @@ class TiesModelParameters(MethodParameters):
 
 class TiesParameters(MethodParameters):
     weight: Scalar | None = None  # default weight of every expert
-    density: Scalar | None = Field(default=None, gt=0, le=1)  # default fraction of |τ| kept (0.2)
+    density: Scalar | None = Field(default=None, gt=0, le=1)  # default fraction of |τ| kept (1.0, as mergekit)
     normalize: bool = True  # divide by the sum of the agreeing weights
     lam: float = Field(default=1.0, alias="lambda")  # λ on the merged task vector
     int8_mask: bool | None = None  # mergekit memory option; accepted, no effect (masks are never materialised)
@@ -55,7 +59,11 @@ class TiesMethod(MergeMethod):
     def resolve(self, config) -> TiesOptions:
         self.check_base(config)
         p = config.parameters
-        densities = tuple(first(m.parameters.density, p.density, DEFAULT_DENSITY) for m in config.models)
+        experts = expert_models(config, True)
+        densities = tuple(first(m.parameters.density, p.density, DEFAULT_DENSITY) for m in experts)
+        if p.density is None and all(m.parameters.density is None for m in experts):
+            LOG.warning("ties without a density keeps every τ (mergekit's default, density 1.0); the TIES paper's "
+                        "recipe trims to density: %s", PAPER_DENSITY)
         return TiesOptions(method=self.name, weights=expert_weights(config), densities=densities, lam=p.lam,
                            normalize=p.normalize, trim_scope=p.trim_scope, sign_method=p.sign_method,
                            zero_sign=p.zero_sign)

@@ -72,16 +72,17 @@ def sign_sum(ctx, inputs, rules: list[TrimRule], weights: torch.Tensor, sign_by_
 
 
 def per_tensor_rules(ctx, inputs, densities: tuple[float, ...]) -> list[TrimRule]:
-    """Trim rules for one tensor: the exact int(density·numel) largest |τ| per expert (two counting passes)."""
+    """Trim rules for one tensor: exactly ``keep_count(numel, density)`` largest |τ| per expert (two
+    counting passes; ties at the cut kept by lowest flat index)."""
     numel = math.prod(inputs.task.shape)
     ks = [selection.top_n_k(numel, d) for d in densities]
     if all(k is None for k in ks):
-        return [selection.trivial_top_n_rule(numel, d) for d in densities]
+        return [TrimRule.keep_all() for _ in densities]
     highs = histograms(ctx, inputs, None).cpu()
     buckets = [selection.locate(h, k)[0] if k is not None else -1 for h, k in zip(highs, ks)]
     lows = histograms(ctx, inputs, ctx.vector(buckets, torch.int32)).cpu()
     return [
-        selection.top_n_rule(highs[t], buckets[t], lows[t], int(d * numel)) if ks[t] is not None
-        else selection.trivial_top_n_rule(numel, d)
+        selection.top_n_rule(highs[t], buckets[t], lows[t], selection.keep_count(numel, d)) if ks[t] is not None
+        else TrimRule.keep_all()
         for t, d in enumerate(densities)
     ]

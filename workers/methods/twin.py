@@ -16,7 +16,14 @@ from typing import Literal
 from pydantic import Field, SerializeAsAny, ValidationError, model_validator
 
 from workers.methods import twin_publish
-from workers.methods.base import ConfigError, MergeMethod, MethodOptions, MethodParameters, describe_errors
+from workers.methods.base import (
+    ConfigError,
+    MergeMethod,
+    MethodOptions,
+    MethodParameters,
+    describe_errors,
+    expert_models,
+)
 from workers.methods.twin_shard import (
     TWIN_MATRIX_COPIES,
     TwinBody,
@@ -150,8 +157,10 @@ class TwinMethod(MergeMethod):
         rules = {k: getattr(p, k) for k in RANK_RULES}
         if all(v is None for v in rules.values()):
             rules["rank_ratio"] = DEFAULT_RANK_RATIO
-        return TwinOptions(method=self.name, shared=method.resolve(shared_config),
-                           experts=expert_names([m.model for m in config.models]), svd=p.svd, **rules)
+        shared_options = method.resolve(shared_config)
+        experts = expert_models(shared_config, shared_options.uses_base)
+        return TwinOptions(method=self.name, shared=shared_options, experts=expert_names([m.model for m in experts]),
+                           svd=p.svd, **rules)
 
     # --- plan -------------------------------------------------------------------------------
     def bytes_per_element(self, task) -> int:
