@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from workers.methods.base import ConfigError, MergeMethod, MethodOptions, MethodParameters
 from workers.methods.linear import LINEAR
+from workers.methods.sparse_gta import BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA, DELLA_LINEAR
 from workers.methods.task_arithmetic import TASK_ARITHMETIC
 from workers.methods.ties import TIES
 from workers.methods.twin import TWIN
@@ -15,6 +16,12 @@ REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (
     LINEAR,
     TASK_ARITHMETIC,
     TIES,
+    DARE_TIES,
+    DARE_LINEAR,
+    BREADCRUMBS,
+    BREADCRUMBS_TIES,
+    DELLA,
+    DELLA_LINEAR,
     TWIN,
 )}
 

@@ -75,14 +75,20 @@ def per_tensor_rules(ctx, inputs, densities: tuple[float, ...]) -> list[TrimRule
     """Trim rules for one tensor: exactly ``keep_count(numel, density)`` largest |τ| per expert (two
     counting passes; ties at the cut kept by lowest flat index)."""
     numel = math.prod(inputs.task.shape)
-    ks = [selection.top_n_k(numel, d) for d in densities]
+    return top_n_rules(ctx, inputs, [selection.keep_count(numel, d) for d in densities])
+
+
+def top_n_rules(ctx, inputs, n_keep: list[int]) -> list[TrimRule]:
+    """Per expert, the rule keeping exactly its ``n_keep`` largest |τ| of the tensor, ties by lowest
+    flat index: a high-bit and a low-bit counting pass over the chunks (none when nothing is cut)."""
+    numel = math.prod(inputs.task.shape)
+    ks = [None if n >= numel else numel - n + 1 for n in n_keep]
     if all(k is None for k in ks):
-        return [TrimRule.keep_all() for _ in densities]
+        return [TrimRule.keep_all() for _ in n_keep]
+    if any(n <= 0 for n in n_keep):
+        raise ValueError("top_n_rules keeps at least one element per expert")
     highs = histograms(ctx, inputs, None).cpu()
     buckets = [selection.locate(h, k)[0] if k is not None else -1 for h, k in zip(highs, ks)]
     lows = histograms(ctx, inputs, ctx.vector(buckets, torch.int32)).cpu()
-    return [
-        selection.top_n_rule(highs[t], buckets[t], lows[t], selection.keep_count(numel, d)) if ks[t] is not None
-        else TrimRule.keep_all()
-        for t, d in enumerate(densities)
-    ]
+    return [selection.top_n_rule(highs[t], buckets[t], lows[t], n) if ks[t] is not None else TrimRule.keep_all()
+            for t, n in enumerate(n_keep)]
