@@ -57,6 +57,37 @@ class ModelEntry(_Frozen):
     model: str  # local directory or fsspec URL of a Hugging Face safetensors layout
     parameters: SerializeAsAny[MethodParameters] = MethodParameters()  # the method's per-model keys (weight, density, ...)
 
+    @field_validator("model")
+    @classmethod
+    def _no_lora(cls, model: str) -> str:
+        return refuse_lora(model)
+
+
+def refuse_lora(model: str) -> str:
+    """mergekit's ``model+lora`` (a LoRA applied on load) is refused with how to merge it first."""
+    if "+" in model and "://" not in model and not Path(model).exists():
+        base, _, lora = model.partition("+")
+        raise ValueError(f"{model!r} is mergekit's model+LoRA form, which mergefleet does not load; merge the adapter "
+                         f"into the model first (peft: PeftModel.from_pretrained(AutoModel.from_pretrained({base!r}), "
+                         f"{lora!r}).merge_and_unload().save_pretrained(DIR)) and list DIR")
+    return model
+
+
+class TokenizerSpec(_Frozen):
+    """mergekit's ``tokenizer:`` section; only its source is supported."""
+
+    source: str = "union"  # base | a model's name | union (mergekit's default; refused: see pipeline/tokenizer.py)
+    tokens: dict | None = None  # mergekit: per-token embedding sources (not supported yet)
+    pad_to_multiple_of: int | None = None  # mergekit: pad the vocabulary (not supported yet)
+
+    @model_validator(mode="after")
+    def _supported(self):
+        for key in ("tokens", "pad_to_multiple_of"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"tokenizer.{key} changes the vocabulary and embeddings, which mergefleet does not "
+                                 "do yet; leave it out, or merge with mergekit")
+        return self
+
 
 class MergeConfig(_Frozen):
     merge_method: str  # the algorithm, as in mergekit (+ twin): a name in workers.methods.REGISTRY
@@ -67,6 +98,9 @@ class MergeConfig(_Frozen):
     out_dtype: str | None = None  # output dtype, overrides dtype
     output: str | None = None  # output URL (local dir, file://, s3://, gs://); --output overrides
     exclude: tuple[str, ...] = ()  # regexes of tensor names copied from the base unmerged
+    tokenizer_source: str | None = None  # base | a model's name: whose tokenizer files the output gets (union: refused)
+    tokenizer: TokenizerSpec | None = None  # mergekit's tokenizer section (source only)
+    chat_template: str | None = None  # auto | a Jinja template, written into tokenizer_config.json
     exclude_files: tuple[str, ...] = ()  # glob patterns of the reference model's other files not to copy (e.g. "README.md")
     shards: Union[int, str, None] = None  # number of output shards (int) or target bytes per shard ("2GB")
     memory_budget: Union[int, str] = DEFAULT_MEMORY_BUDGET  # anonymous memory per shard task, its process included
@@ -96,6 +130,11 @@ class MergeConfig(_Frozen):
         if not models:
             raise ValueError("list at least one model")
         return models
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_no_lora(cls, model):
+        return refuse_lora(model) if model is not None else model
 
     @field_validator("dtype", "out_dtype")
     @classmethod

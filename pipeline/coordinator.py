@@ -30,6 +30,7 @@ from pipeline.config import MergeConfig
 from pipeline.planner import ShardPlan, build_plan
 from pipeline.ray_tasks import MergeShard, ScanShard, submit
 from pipeline.resume import check_claim, prepare_output
+from pipeline.tokenizer import TOKENIZER_FILES, with_chat_template
 from workers.methods import method_of
 from workers.publishing import put_file, tensor_rows, write_index
 from workers.results import ShardResult
@@ -113,22 +114,37 @@ def copy_side_files(plan: ShardPlan, config: MergeConfig, *, directory: str = ""
     """Copy every file of the reference model but its weights (``*.safetensors``, the weight index,
     pickles) and the config's ``exclude_files`` globs into ``directory`` of the output (its root by
     default): config.json, tokenizer files, sentence-transformers' modules.json and 1_Pooling/, the
-    README, ... config.json gets every dtype key transformers reads set to the output dtype.
-    Returns what was written, named relative to the output root."""
-    src_fs, src_root = open_fs(plan.side_files_from, plan.storage_options)
-    if src_root.endswith(".safetensors"):
-        src_root = src_root.rsplit("/", 1)[0]
-    src_root = src_root.rstrip("/")
-    written = []
-    for path in sorted(src_fs.find(src_root)):
-        name = path[len(src_root) + 1:]
-        if _is_weight_file(name) or any(fnmatch.fnmatch(name, g) for g in config.exclude_files):
+    README, ... config.json gets every dtype key transformers reads set to the output dtype. The
+    tokenizer files come from ``tokenizer_source`` when given, with the chat template set
+    (pipeline/tokenizer.py). Returns what was written, named relative to the output root."""
+    files = _side_files(plan.side_files_from, plan.storage_options, config.exclude_files,
+                        skip=TOKENIZER_FILES if plan.tokenizer_from else ())
+    if plan.tokenizer_from:
+        files.update(_side_files(plan.tokenizer_from, plan.storage_options, config.exclude_files,
+                                 only=TOKENIZER_FILES))
+    if "config.json" in files and config.output_dtype:
+        files["config.json"] = json.dumps(_with_dtype(json.loads(files["config.json"]), config.output_dtype),
+                                          indent=2).encode()
+    if plan.chat_template is not None:
+        files.pop("chat_template.jinja", None)
+        files["tokenizer_config.json"] = with_chat_template(files.get("tokenizer_config.json", b""), plan.chat_template)
+    return [put_file(plan.output, f"{directory}/{name}" if directory else name, data)
+            for name, data in sorted(files.items())]
+
+
+def _side_files(model_dir: str, storage_options: dict, exclude: tuple[str, ...], *, skip: tuple = (),
+                only: tuple | None = None) -> dict[str, bytes]:
+    """{relative name: bytes} of a model directory's non-weight files."""
+    fs, root = open_fs(model_dir, storage_options)
+    root = root.rstrip("/")
+    files = {}
+    for path in sorted(fs.find(root)):
+        name = path[len(root) + 1:]
+        if (_is_weight_file(name) or name in skip or (only is not None and name not in only)
+                or any(fnmatch.fnmatch(name, g) for g in exclude)):
             continue
-        data = src_fs.cat_file(path)
-        if name == "config.json" and config.output_dtype:
-            data = json.dumps(_with_dtype(json.loads(data), config.output_dtype), indent=2).encode()
-        written.append(put_file(plan.output, f"{directory}/{name}" if directory else name, data))
-    return written
+        files[name] = fs.cat_file(path)
+    return files
 
 
 def _is_weight_file(name: str) -> bool:

@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from pipeline.config import DEFAULT_SHARD_BYTES, ConfigError, MergeConfig, parse_bytes
+from pipeline.tokenizer import chat_template_text, check_shared_vocabulary, tokenizer_source
 from workers.compiled import compile_from_environment
 from workers.methods import MethodOptions, get_method, method_of
 from workers.methods.base import expert_models, task_bytes_per_element
@@ -46,8 +47,10 @@ class ShardPlan:
     output: Location  # the output root and its storage options (which also open the inputs)
     shards: tuple[ShardSpec, ...]
     inputs: tuple[InputSummary, ...]
-    side_files_from: str  # model directory whose config.json / tokenizer files are copied
+    side_files_from: str  # model directory whose config.json and other non-weight files are copied
     ignored_tensors: tuple[str, ...]  # tensors present only in some experts, not in the reference
+    tokenizer_from: str | None = None  # model directory whose tokenizer files replace the reference's
+    chat_template: str | None = None  # written into the output's tokenizer_config.json
 
     @property
     def output_url(self) -> str:
@@ -209,8 +212,26 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
         {"config": config.config_hash(), "inputs": [s.files for s in summaries],
          "shards": [[s.file_name, [asdict(t) for t in s.tensors]] for s in specs]},
         sort_keys=True, default=str).encode()).hexdigest()
-    return ShardPlan(config.config_hash(), plan_hash, options, output, specs, tuple(summaries), reference.url,
-                     tuple(ignored))
+    tokenizer_from, chat_template = _tokenizer(config, options, inputs, output.storage_options)
+    return ShardPlan(config.config_hash(), plan_hash, options, output, specs, tuple(summaries), model_dir(reference),
+                     tuple(ignored), tokenizer_from, chat_template)
+
+
+def model_dir(model: ModelFiles) -> str:
+    """The directory of a model (its URL, or the folder of a single .safetensors URL)."""
+    return model.url.rsplit("/", 1)[0] if model.url.endswith(".safetensors") else model.url
+
+
+def _tokenizer(config: MergeConfig, options: MethodOptions, inputs: list[ModelFiles], storage_options: dict):
+    """(directory of the tokenizer source or None, chat template or None), checked at plan time."""
+    names = ([config.base_model] if options.uses_base else []) + [m.model for m in expert_models(config, options.uses_base)]
+    dirs = {name: model_dir(model) for name, model in zip(names, inputs)}
+    source = tokenizer_source(config)
+    source_dir = None
+    if source is not None:
+        source_dir = dirs.get(source) or model_dir(resolve_model(source, storage_options=storage_options))
+        check_shared_vocabulary(source_dir, dirs, storage_options)
+    return source_dir, chat_template_text(config, list(dirs.values()), storage_options)
 
 
 def _inputs(config: MergeConfig, options: MethodOptions, storage_options: dict):

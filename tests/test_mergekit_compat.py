@@ -98,3 +98,70 @@ def test_refused_keys_say_who_has_them_and_suggest(config, expected):
     with pytest.raises(ConfigError) as info:
         load_config({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], **config})
     assert expected in str(info.value)
+
+
+# --- tokenizer keys ---------------------------------------------------------------------------------
+
+def _tokenizer_models(root):
+    """A base and two experts with tokenizer files; expert e1 carries its own chat template."""
+    import json
+
+    base_dir, expert_dirs, *_ = make_models(root, n_experts=2, seed=23)
+    for d in (base_dir, *expert_dirs):
+        (d / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0, "b": 1}}}')
+        (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 8, "tag": d.name}))
+    (expert_dirs[1] / "tokenizer_config.json").write_text(json.dumps(
+        {"tag": "e1", "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}))
+    return base_dir, expert_dirs
+
+
+def test_tokenizer_source_and_chat_template(tmp_path):
+    import json
+
+    start_embedded_ray()
+    base_dir, expert_dirs = _tokenizer_models(tmp_path / "in")
+    common = {"merge_method": "task_arithmetic", "base_model": str(base_dir),
+              "models": [{"model": str(e)} for e in expert_dirs]}
+    run_merge(load_config({**common, "output": str(tmp_path / "a"), "tokenizer_source": str(expert_dirs[1])}),
+              progress=False)
+    assert json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())["tag"] == "e1"
+    run_merge(load_config({**common, "output": str(tmp_path / "b"), "tokenizer": {"source": "base"},
+                           "chat_template": "auto"}), progress=False)
+    written = json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())
+    assert written["tag"] == "base" and written["chat_template"].startswith("{% for m in messages %}")
+    template = "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{% endfor %}"
+    run_merge(load_config({**common, "output": str(tmp_path / "c"), "chat_template": template}), progress=False)
+    assert json.loads((tmp_path / "c" / "tokenizer_config.json").read_text())["chat_template"] == template
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tokenizer_source": "union"}, "union builds a merged vocabulary"),
+    ({"tokenizer": {}}, "union builds a merged vocabulary"),
+    ({"tokenizer": {"source": "base", "pad_to_multiple_of": 64}}, "tokenizer.pad_to_multiple_of"),
+    ({"tokenizer_source": "someone/else"}, "not one of the merged models"),
+    ({"chat_template": "chatml"}, "named templates are its own files"),
+])
+def test_tokenizer_refusals(tmp_path, extra, message):
+    from pipeline.planner import build_plan
+
+    base_dir, expert_dirs = _tokenizer_models(tmp_path / "in")
+    config = {"merge_method": "task_arithmetic", "base_model": str(base_dir), "output": str(tmp_path / "out"),
+              "models": [{"model": str(e)} for e in expert_dirs], **extra}
+    with pytest.raises(ConfigError, match=message):
+        build_plan(load_config(config))
+
+
+def test_tokenizer_source_with_another_vocabulary_is_refused(tmp_path):
+    from pipeline.planner import build_plan
+
+    base_dir, expert_dirs = _tokenizer_models(tmp_path / "in")
+    (expert_dirs[0] / "tokenizer.json").write_text('{"model": {"vocab": {"a": 1, "b": 0}}}')
+    config = {"merge_method": "task_arithmetic", "base_model": str(base_dir), "output": str(tmp_path / "out"),
+              "models": [{"model": str(e)} for e in expert_dirs], "tokenizer_source": "base"}
+    with pytest.raises(ConfigError, match="other tokenizer files.*tokenizer.json"):
+        build_plan(load_config(config))
+
+
+def test_model_plus_lora_is_refused_with_how_to_merge_it():
+    with pytest.raises(ConfigError, match="model\\+LoRA form.*merge_and_unload"):
+        load_config({"merge_method": "linear", "models": [{"model": "org/base+org/lora"}]})
