@@ -36,7 +36,9 @@ METHODS = {
 }
 
 
-MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties")
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                    "della", "della_linear", "sce", "slerp", "nuslerp", "multislerp", "karcher", "model_stock",
+                    "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough")  # mergekit 0.1.5's methods
 MERGEKIT_EQUIVALENT = {"ties_global": "ties"}  # mergekit has no global-scope TIES: compare with its TIES
 
 
@@ -64,10 +66,28 @@ def warm_page_cache(models: list[Path]) -> None:
                     pass
 
 
+def method_preset(name: str) -> dict:
+    """The bench's config for a preset (METHODS) or any registered method by name; a method whose
+    models take a density runs at 0.5, one with required parameters gets them from METHOD_EXTRAS."""
+    if name in METHODS:
+        return METHODS[name]
+    from workers.methods import get_method
+
+    get_method(name)  # an unknown name fails here, naming the known ones
+    return {"merge_method": name, **METHOD_EXTRAS.get(name, {})}
+
+
+METHOD_EXTRAS = {"slerp": {"parameters": {"t": 0.5}}, "nearswap": {"parameters": {"t": 0.5}}}
+
+
 def merge_yaml(name: str, base: Path, experts: list[Path]) -> dict:
     """The mergekit-format config both tools run."""
-    method = METHODS[name]
-    density = {"density": 0.2} if method["merge_method"] == "ties" else {}
+    from workers.methods import get_method
+
+    method = method_preset(name)
+    takes_density = "density" in get_method(method["merge_method"]).model_parameters.model_fields
+    density = ({"density": 0.2} if method["merge_method"] == "ties" else {"density": 0.5} if takes_density
+               and name not in METHODS else {})
     config = {**method, "dtype": "bfloat16",
               "models": [{"model": str(e), "parameters": {"weight": 1.0, **density}} for e in experts]}
     if method["merge_method"] == "linear":
@@ -142,7 +162,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", "--method", nargs="+", default=list(METHODS),
+                        help=f"presets {list(METHODS)} or any registered method's name")
     parser.add_argument("--shards", type=int, default=None)
     parser.add_argument("--memory-budget", default="4GB")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method (the fastest is reported)")
