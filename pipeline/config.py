@@ -25,6 +25,7 @@ from workers.methods import (
     model_owners_of,
     validate_parameters,
 )
+from pipeline.settings import evaluate, is_setting, leaves
 from workers.methods.base import describe_errors, keys_of, unknown_key
 from workers.tensor_io import DTYPE_ALIASES
 
@@ -107,6 +108,8 @@ class MergeConfig(_Frozen):
     process_reserve: Union[int, str] = DEFAULT_PROCESS_RESERVE  # part of memory_budget the worker process itself holds
     nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in a merged input: fail naming it, or merge anyway
     input_checksums: bool = True  # sha256 each input tensor as it is read, into the manifest (~1 core-second per GB read)
+    parameter_settings: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)  # gradients / filters
+    #   as given, by scope ("parameters", "models.<i>"); `parameters` holds their value outside the layers
     storage: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)  # fsspec storage options (endpoint_url, key, secret, client_kwargs, ...) over the environment's (AWS_*, FSSPEC_S3_*); never dumped, hashed or logged
 
     @model_validator(mode="before")
@@ -115,14 +118,27 @@ class MergeConfig(_Frozen):
         """Validate `parameters:` and each model's through the method's parameter models."""
         if not isinstance(data, dict) or not isinstance(data.get("merge_method"), str):
             return data
+        if "parameter_settings" in data and not isinstance(data.get("parameters"), MethodParameters):
+            raise ValueError("unknown key 'parameter_settings' (see the config reference in README.md)")
         method = get_method(data["merge_method"])
         raw = data.get("parameters")
-        parameters = raw if isinstance(raw, MethodParameters) else validate_parameters(method, dict(raw or {}), "parameters")
+        settings = {}
+        if isinstance(raw, MethodParameters):
+            parameters = raw
+        else:
+            raw = dict(raw or {})
+            parameters = _validated(raw, "parameters", settings,
+                                    lambda values: validate_parameters(method, values, "parameters"))
         per_model = method.model_parameters_for(parameters)
         models = data.get("models")
         if isinstance(models, (list, tuple)):
-            data = {**data, "models": [_model_entry(m, i, per_model, method.name) for i, m in enumerate(models)]}
-        return {**data, "parameters": parameters}
+            data = {**data, "models": [_model_entry(m, i, per_model, method.name, settings)
+                                       for i, m in enumerate(models)]}
+        if settings and not method.per_tensor_parameters:
+            scope, values = next(iter(settings.items()))
+            raise ValueError(f"{scope}.{next(iter(values))}: gradients and filters are not supported by "
+                             f"merge_method {method.name}; give one number")
+        return {**data, "parameters": parameters, "parameter_settings": data.get("parameter_settings", settings)}
 
     @field_validator("models")
     @classmethod
@@ -190,8 +206,34 @@ class MergeConfig(_Frozen):
         return self.memory_budget_bytes - self.process_reserve_bytes
 
     def record(self) -> dict:
-        """The validated config as the manifest stores it (storage options never included)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The validated config as the manifest stores it (storage options never included), with
+        gradients and filters as given."""
+        data = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for scope, values in self.parameter_settings.items():
+            target = data if scope == "parameters" else data["models"][int(scope.split(".")[1])]
+            target.setdefault("parameters", {}).update(values)
+        return data
+
+    def at(self, tensor: str, t: float) -> MergeConfig:
+        """This config with every gradient and filter evaluated for one tensor at layer position ``t``
+        (pipeline/settings.py); itself when it has none."""
+        if not self.parameter_settings:
+            return self
+        method = get_method(self.merge_method)
+
+        def evaluated(model: MethodParameters, scope: str, validate) -> MethodParameters:
+            values = self.parameter_settings.get(scope)
+            if not values:
+                return model
+            fixed = {k: v for k, v in model.model_dump(by_alias=True, exclude_unset=True).items() if k not in values}
+            now = {k: v for k, v in ((k, evaluate(s, tensor, t)) for k, s in values.items()) if v is not None}
+            return validate({**fixed, **now})
+
+        parameters = evaluated(self.parameters, "parameters", lambda values: validate_parameters(method, values, "parameters"))
+        per_model = method.model_parameters_for(parameters)
+        models = tuple(m.model_copy(update={"parameters": evaluated(m.parameters, f"models.{i}", per_model.model_validate)})
+                       for i, m in enumerate(self.models))
+        return self.model_copy(update={"parameters": parameters, "models": models, "parameter_settings": {}})
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of ``record()``, output location excluded (verify recomputes it)."""
@@ -203,15 +245,39 @@ def resolve_method(config: MergeConfig) -> MethodOptions:
     return get_method(config.merge_method).resolve(config)
 
 
-def _model_entry(entry, index: int, per_model: type[MethodParameters], method: str):
+def _model_entry(entry, index: int, per_model: type[MethodParameters], method: str, settings: dict):
     """A `models:` entry with its parameters validated by the method's per-model model."""
     if not isinstance(entry, dict) or isinstance(entry.get("parameters"), MethodParameters):
         return entry
-    try:
-        return {**entry, "parameters": per_model.model_validate(dict(entry.get("parameters") or {}))}
-    except ValidationError as exc:
-        raise ConfigError(describe_errors(exc, f"models.{index}.parameters", method, model_owners_of,
-                                          keys_of(per_model))) from None
+    path = f"models.{index}.parameters"
+
+    def validate(values):
+        try:
+            return per_model.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(describe_errors(exc, path, method, model_owners_of, keys_of(per_model))) from None
+
+    return {**entry, "parameters": _validated(dict(entry.get("parameters") or {}), path, settings, validate,
+                                              scope=f"models.{index}")}
+
+
+def _validated(raw: dict, path: str, settings: dict, validate, *, scope: str = "parameters") -> MethodParameters:
+    """``raw`` validated with each gradient / filter at its value outside the layers, every single
+    value inside them validated too; the settings as given go to ``settings[scope]``."""
+    given = {k: v for k, v in raw.items() if is_setting(v)}
+    if not given:
+        return validate(raw)
+    plain = {k: v for k, v in raw.items() if k not in given}
+    for key, setting in given.items():
+        try:
+            samples = leaves(setting, f"{path}.{key}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        for sample in samples:
+            validate({**plain, key: sample})
+    settings[scope] = given
+    outside = {k: v for k, v in ((k, evaluate(s, "", 0.0)) for k, s in given.items()) if v is not None}
+    return validate({**plain, **outside})
 
 
 def load_config(source: Union[str, Path, dict[str, Any]]) -> MergeConfig:

@@ -239,6 +239,9 @@ def publish(plan: ShardPlan, results: list[ShardResult], config: MergeConfig, ti
     files.append(write_index(plan.output, rows, directory=method.output_dir))
     files += copy_side_files(plan, config, directory=method.output_dir)
     published = method.publish(plan, results, prepared)
+    tensor_options = {t.name: t.options.model_dump(mode="json") for t in plan.tensors if t.options is not None}
+    if tensor_options:  # gradients / filters: the options each such tensor was merged with
+        extra = {**extra, "tensor_options": tensor_options}
     timings = {**timings, "publish": round(time.perf_counter() - t0, 4)}
     check_claim(plan.output, run_id)
     return commit_manifest(plan, config, rows + published.rows, files + published.files, results, timings,

@@ -13,6 +13,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from pipeline.config import DEFAULT_SHARD_BYTES, ConfigError, MergeConfig, parse_bytes
+from pipeline.settings import layer_count, layer_position
 from pipeline.tokenizer import chat_template_text, check_shared_vocabulary, tokenizer_source
 from workers.compiled import compile_from_environment
 from workers.methods import MethodOptions, get_method, method_of
@@ -186,9 +187,12 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
         check_storage_options(model_url, output.storage_options)
     inputs, reference, summaries = _inputs(config, options, output.storage_options)
     _check_apart(output.url, inputs)
-    tied = tied_copies(reference, _model_config(reference.url, output.storage_options))
+    model_config = _model_config(reference.url, output.storage_options)
+    tied = tied_copies(reference, model_config)
     tasks = [_tensor_task(config, method, name, reference, inputs, tied.get(name))
              for name in sorted(reference.tensors, key=natural_key)]
+    if config.parameter_settings:
+        tasks = _per_tensor_options(config, method, options, tasks, model_config)
     ignored = sorted({n for m in inputs for n in m.tensors} - set(reference.tensors), key=natural_key)
     if ignored:
         LOG.warning("%d tensors exist in some inputs but not in %s and are not merged: %s", len(ignored),
@@ -232,6 +236,26 @@ def _tokenizer(config: MergeConfig, options: MethodOptions, inputs: list[ModelFi
         source_dir = dirs.get(source) or model_dir(resolve_model(source, storage_options=storage_options))
         check_shared_vocabulary(source_dir, dirs, storage_options)
     return source_dir, chat_template_text(config, list(dirs.values()), storage_options)
+
+
+def _per_tensor_options(config: MergeConfig, method, options: MethodOptions, tasks: list[TensorTask],
+                        model_config: dict) -> list[TensorTask]:
+    """The merged tensors whose gradients / filters give them other options than the plan's carry
+    their own (pipeline/settings.py: a tensor's layer position t, its name against the filters)."""
+    if getattr(options, "trim_scope", "tensor") == "global":
+        raise ConfigError("trim_scope: global takes one density per expert for the whole model; gradients and "
+                          "filters need trim_scope: tensor")
+    n_layers = layer_count(model_config, [t.name for t in tasks])
+    resolved: dict[str, MethodOptions] = {}
+    result = []
+    for task in tasks:
+        if task.action == "merge":
+            own = method.resolve(config.at(task.name, layer_position(task.name, n_layers)))
+            own = resolved.setdefault(own.model_dump_json(), own)
+            if own != options:
+                task = dataclasses.replace(task, options=own)
+        result.append(task)
+    return result
 
 
 def _inputs(config: MergeConfig, options: MethodOptions, storage_options: dict):

@@ -94,7 +94,7 @@ def _error(cfg) -> str:
 
 
 @pytest.mark.parametrize("cfg, key", [
-    (_ties(tokenizer_source="base"), "'tokenizer_source'"),
+    (_ties(tokenizer_sauce="base"), "'tokenizer_sauce'"),
     (_ties(parameters={"densty": 0.3}), "'parameters.densty'"),
     (_ties(models=[{"model": "a", "parameters": {"wieght": 1}}]), "'models.0.parameters.wieght'"),
     (_ties(models=[{"model": "a", "revision": "main"}]), "'models.0.revision'"),
@@ -109,11 +109,22 @@ def test_unknown_keys_named(cfg, key):
     {"weight": [0, 0.3, 0.7, 1]},
     {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 0}]},
 ])
-def test_gradient_parameters_error(params):
-    message = _error(_ties(models=[{"model": "a", "parameters": params}]))
-    assert "models.0.parameters" in message and "gradient" in message
-    top = _error(_ties(parameters=params))  # a list at the top level errors too, naming the key
-    assert f"parameters.{next(iter(params))}" in top
+def test_gradient_parameters_are_kept_as_given(params):
+    """mergekit's gradients and filters (tests/test_parameter_settings.py evaluates them per tensor)."""
+    per_model = load_config(_ties(models=[{"model": "a", "parameters": params}]))
+    assert per_model.record()["models"][0]["parameters"] == params
+    top = load_config(_ties(parameters=params))
+    assert top.record()["parameters"][next(iter(params))] == next(iter(params.values()))
+
+
+@pytest.mark.parametrize("params, key", [
+    ({"density": [1, 1.7]}, "models.0.parameters.density"),  # every value inside is validated
+    ({"density": [[0.1, 0.2]]}, "models.0.parameters.density"),
+    ({"weight": [{"filtr": "mlp", "value": 0.5}]}, "models.0.parameters.weight"),
+    ({"density": []}, "models.0.parameters.density"),
+])
+def test_bad_gradient_parameters_name_the_key(params, key):
+    assert key in _error(_ties(models=[{"model": "a", "parameters": params}]))
 
 
 def test_linear_base_model_not_among_models_errors():
@@ -137,7 +148,7 @@ def test_invalid_yaml_errors(text):
 
 def test_non_mapping_and_invalid_values_error(tmp_path):
     assert "mapping" in _error("- a\n- b\n")
-    assert "merge_method" in _error(_ties(merge_method="dare_ties"))
+    assert "merge_method" in _error(_ties(merge_method="dare_tiez"))
     assert "'models'" in _error({"merge_method": "ties", "base_model": "b"})
     assert "models" in _error(_ties(models=[]))
     assert "density" in _error(_ties(parameters={"density": 0}))

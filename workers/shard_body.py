@@ -24,7 +24,8 @@ class ShardBody:
     def tensor(self, ctx: ShardContext, task: TensorTask, inputs: MergeInputs, writer: ShardWriter) -> None:
         """Make one merged tensor and write it into the shard's file."""
         out_dtype = DTYPES[task.out_dtype]
-        for _, out in self.method.merge_tensor(ctx, inputs, self.spec.method, self.spec.prepass, out_dtype):
+        options = task.options or self.spec.method
+        for _, out in self.method.merge_tensor(ctx, inputs, options, self.spec.prepass, out_dtype):
             with ctx.timer.track("write"):
                 writer.write(task.name, out)
 

@@ -23,6 +23,7 @@ class TensorTask:
     inputs: tuple[TensorInfo, ...]  # merge: base first when the method uses one, then experts; copy: the source
     chunk_rows: int
     tied_to: str | None = None  # another name for the same weight (counted once in a global trim)
+    options: MethodOptions | None = None  # this tensor's own options (gradients, filters); None: the shard's
 
 
 @dataclass(frozen=True)

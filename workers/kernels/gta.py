@@ -2,7 +2,7 @@
 
 The weighted sparse task vectors w_t·τ̃_t are mixed with or without a sign consensus, divided by
 the weights (``normalize``), scaled by λ and added to the base; float32 throughout, summed in
-expert order. docs/algorithms.md §6.
+expert order. docs/algorithms.md §8.
 """
 
 from __future__ import annotations

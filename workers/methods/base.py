@@ -188,6 +188,7 @@ class MergeMethod:
     model_parameters: type[MethodParameters]  # the keys it accepts under each model's `parameters:`
     needs_base: bool = True  # whether `base_model:` is required
     output_dir: str = ""  # folder of the output (relative to its root) the merged shards go to
+    per_tensor_parameters: bool = True  # gradients and filters may give each tensor its own parameters
 
     # --- config ---------------------------------------------------------------------------
     def model_parameters_for(self, parameters: MethodParameters) -> type[MethodParameters]:

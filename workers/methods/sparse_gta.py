@@ -9,7 +9,7 @@ Random masks come from a counter-based generator keyed by (``random_seed``, tens
 the same seed gives the same bytes for any shard count, chunk size or worker. Magnitude cuts use
 the exact selection without sorting of TIES (ties at a cut: lowest flat index ranks first).
 Whole-tensor quantities (the cuts, the l1 norms) are found by passes over the row chunks before
-any chunk is merged. docs/algorithms.md §6.
+any chunk is merged. docs/algorithms.md §8.
 """
 
 from __future__ import annotations

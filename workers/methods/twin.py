@@ -218,4 +218,4 @@ def _mib(n: int) -> str:
 
 
 TWIN = TwinMethod(name="twin", parameters=TwinParameters, model_parameters=MethodParameters,
-                  output_dir=twin_publish.SHARED_DIR)
+                  output_dir=twin_publish.SHARED_DIR, per_tensor_parameters=False)
