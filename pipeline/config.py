@@ -74,6 +74,23 @@ def refuse_lora(model: str) -> str:
     return model
 
 
+class SliceSource(_Frozen):
+    model: str  # the model the layers come from
+    layer_range: tuple[int, int]  # [first, end) of its layers, as mergekit writes it
+    parameters: dict[str, Any] = Field(default_factory=dict)  # the method's per-model keys for this slice
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value):
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"layer_range {list(value)} must be [first, end) with 0 <= first < end")
+        return value
+
+
+class OutputSlice(_Frozen):
+    sources: tuple[SliceSource, ...]  # the models whose layers make this slice of the output
+
+
 class TokenizerSpec(_Frozen):
     """mergekit's ``tokenizer:`` section; only its source is supported."""
 
@@ -92,7 +109,8 @@ class TokenizerSpec(_Frozen):
 
 class MergeConfig(_Frozen):
     merge_method: str  # the algorithm, as in mergekit (+ twin): a name in workers.methods.REGISTRY
-    models: tuple[ModelEntry, ...]  # experts (linear: every model averaged); at least one
+    models: tuple[ModelEntry, ...] = ()  # experts (linear: every model averaged); or slices:
+    slices: tuple[OutputSlice, ...] | None = None  # mergekit's layer slices (stacked by passthrough: pipeline/slices.py)
     base_model: str | None = None  # θ₀; required for task_arithmetic and ties
     parameters: SerializeAsAny[MethodParameters] = MethodParameters()  # the method's top-level keys (workers/methods/)
     dtype: str | None = None  # output dtype (computation is always float32); default: the base's dtype
@@ -140,12 +158,15 @@ class MergeConfig(_Frozen):
                              f"merge_method {method.name}; give one number")
         return {**data, "parameters": parameters, "parameter_settings": data.get("parameter_settings", settings)}
 
-    @field_validator("models")
-    @classmethod
-    def _some_models(cls, models):
-        if not models:
-            raise ValueError("list at least one model")
-        return models
+    @model_validator(mode="after")
+    def _models_or_slices(self):
+        if self.slices is not None and self.models:
+            raise ValueError("give models: or slices:, not both (as mergekit)")
+        if self.slices is None and not self.models:
+            raise ValueError("missing required key 'models': list at least one model (or give slices:)")
+        if self.slices is not None and not self.slices:
+            raise ValueError("slices: is empty; list at least one slice")
+        return self
 
     @field_validator("base_model")
     @classmethod
@@ -302,7 +323,12 @@ def load_config(source: Union[str, Path, dict[str, Any]]) -> MergeConfig:
         config = MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
-    resolve_method(config)
+    if config.slices is None:
+        resolve_method(config)
+    else:
+        from pipeline.slices import slice_configs  # slices are resolved one source model at a time
+
+        slice_configs(config)
     return config
 
 

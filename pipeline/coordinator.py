@@ -122,9 +122,11 @@ def copy_side_files(plan: ShardPlan, config: MergeConfig, *, directory: str = ""
     if plan.tokenizer_from:
         files.update(_side_files(plan.tokenizer_from, plan.storage_options, config.exclude_files,
                                  only=TOKENIZER_FILES))
-    if "config.json" in files and config.output_dtype:
-        files["config.json"] = json.dumps(_with_dtype(json.loads(files["config.json"]), config.output_dtype),
-                                          indent=2).encode()
+    if "config.json" in files and (config.output_dtype or plan.config_updates):
+        model_config = json.loads(files["config.json"])
+        if config.output_dtype:
+            model_config = _with_dtype(model_config, config.output_dtype)
+        files["config.json"] = json.dumps({**model_config, **plan.config_updates}, indent=2).encode()
     if plan.chat_template is not None:
         files.pop("chat_template.jinja", None)
         files["tokenizer_config.json"] = with_chat_template(files.get("tokenizer_config.json", b""), plan.chat_template)

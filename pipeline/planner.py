@@ -10,10 +10,11 @@ import logging
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from pipeline.config import DEFAULT_SHARD_BYTES, ConfigError, MergeConfig, parse_bytes
 from pipeline.settings import layer_count, layer_position
+from pipeline.slices import layer_count_updates, plan_slices
 from pipeline.tokenizer import chat_template_text, check_shared_vocabulary, tokenizer_source
 from workers.compiled import compile_from_environment
 from workers.methods import MethodOptions, get_method, method_of
@@ -52,6 +53,7 @@ class ShardPlan:
     ignored_tensors: tuple[str, ...]  # tensors present only in some experts, not in the reference
     tokenizer_from: str | None = None  # model directory whose tokenizer files replace the reference's
     chat_template: str | None = None  # written into the output's tokenizer_config.json
+    config_updates: dict = field(default_factory=dict)  # config.json keys to set (slices: the layer count)
 
     @property
     def output_url(self) -> str:
@@ -178,22 +180,28 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
     and the storage options (``storage_options``, else the config's ``storage:``) are resolved here,
     once, and travel in the plan."""
     method = get_method(config.merge_method)
-    options = method.resolve(config)
     url = output_url or config.output
     if not url:
         raise ConfigError("no output: give `output:` in the config or --output URL")
     output = _output_location(url, storage_options or dict(config.storage))
-    for model_url in {config.base_model, *(m.model for m in config.models)} - {None}:
+    sources = [s.model for sl in config.slices or () for s in sl.sources]
+    for model_url in {config.base_model, *(m.model for m in config.models), *sources} - {None}:
         check_storage_options(model_url, output.storage_options)
-    inputs, reference, summaries = _inputs(config, options, output.storage_options)
+    if config.slices is not None:
+        options, tasks, inputs, reference, summaries, config_updates = _sliced(config, method, output)
+        ignored = []
+    else:
+        options = method.resolve(config)
+        inputs, reference, summaries = _inputs(config, options, output.storage_options)
+        model_config = _model_config(reference.url, output.storage_options)
+        tied = tied_copies(reference, model_config)
+        tasks = [_tensor_task(config, method, name, reference, inputs, tied.get(name))
+                 for name in sorted(reference.tensors, key=natural_key)]
+        if config.parameter_settings:
+            tasks = _per_tensor_options(config, method, options, tasks, model_config)
+        ignored = sorted({n for m in inputs for n in m.tensors} - set(reference.tensors), key=natural_key)
+        config_updates = {}
     _check_apart(output.url, inputs)
-    model_config = _model_config(reference.url, output.storage_options)
-    tied = tied_copies(reference, model_config)
-    tasks = [_tensor_task(config, method, name, reference, inputs, tied.get(name))
-             for name in sorted(reference.tensors, key=natural_key)]
-    if config.parameter_settings:
-        tasks = _per_tensor_options(config, method, options, tasks, model_config)
-    ignored = sorted({n for m in inputs for n in m.tensors} - set(reference.tensors), key=natural_key)
     if ignored:
         LOG.warning("%d tensors exist in some inputs but not in %s and are not merged: %s", len(ignored),
                     reference.url, ignored[:10])
@@ -218,7 +226,23 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
         sort_keys=True, default=str).encode()).hexdigest()
     tokenizer_from, chat_template = _tokenizer(config, options, inputs, output.storage_options)
     return ShardPlan(config.config_hash(), plan_hash, options, output, specs, tuple(summaries), model_dir(reference),
-                     tuple(ignored), tokenizer_from, chat_template)
+                     tuple(ignored), tokenizer_from, chat_template, config_updates)
+
+
+def _sliced(config: MergeConfig, method, output: Location):
+    """(options, tasks, inputs, reference, summaries, config.json updates) of a ``slices:`` config
+    (pipeline/slices.py); a slice whose options differ from the first slice's carries its own."""
+    sliced, models, found = plan_slices(config, output.storage_options)
+    resolved: dict[str, MethodOptions] = {}
+    first = method.resolve(sliced[0].config) if sliced else None
+    tasks = []
+    for t in sliced:
+        own = method.resolve(t.config)
+        own = resolved.setdefault(own.model_dump_json(), own)
+        tasks.append(make_task(config, method, t.name, t.info, (t.info,), options=None if own == first else own))
+    reference = models[0]
+    updates = layer_count_updates(_model_config(reference.url, output.storage_options), found["layers"])
+    return first, tasks, models, reference, [_summarize("model", m, output.storage_options) for m in models], updates
 
 
 def model_dir(model: ModelFiles) -> str:
@@ -302,10 +326,17 @@ def _tensor_task(config: MergeConfig, method, name: str, reference: ModelFiles, 
     infos = tuple(m.tensors.get(name) for m in inputs)
     for model, info in zip(inputs, infos):
         _check_input(name, ref, model.url, info, reference.url)
+    return make_task(config, method, name, ref, infos, tied_to)
+
+
+def make_task(config: MergeConfig, method, name: str, ref: TensorInfo, infos: tuple[TensorInfo, ...],
+              tied_to: str | None = None, options: MethodOptions | None = None) -> TensorTask:
+    """The task of one output tensor from its inputs' infos (``ref``: where copies come from)."""
     is_float = ref.dtype in FLOAT_DTYPES
     out_dtype = (config.output_dtype or ref.dtype) if is_float else ref.dtype
     merge = is_float and not any(re.search(p, name) for p in config.exclude)
-    task = TensorTask(name, ref.shape, out_dtype, "merge" if merge else "copy", infos if merge else (ref,), 1, tied_to)
+    task = TensorTask(name, ref.shape, out_dtype, "merge" if merge else "copy", infos if merge else (ref,), 1, tied_to,
+                      options if merge else None)
     budget = config.chunk_budget_bytes
     if merge:
         rows = method.chunk_rows(task, budget, config.process_reserve_bytes)
