@@ -42,7 +42,7 @@ def slice_configs(config: MergeConfig) -> list[MergeConfig]:
             raise ConfigError(f"slices.{i}.sources lists {len(output_slice.sources)} models; a slice that merges "
                               "several sources is not supported yet: give one source per slice (passthrough)")
         source = output_slice.sources[0]
-        data = {k: v for k, v in config.record().items() if k != "slices"}
+        data = {k: v for k, v in config.record().items() if k not in ("slices", "base_model")}  # passthrough: no base
         data["models"] = [{"model": source.model, "parameters": dict(source.parameters)}]
         try:
             configs.append(load_config({**data, "storage": config.storage}))

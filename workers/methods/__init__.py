@@ -1,12 +1,23 @@
 """The merge-method registry: every method is one registered object (workers/methods/base.py).
 
-Adding a method is one module defining its object plus one line in ``REGISTRY`` below.
+Adding a method is one module defining its object plus one line in ``REGISTRY`` below. The order
+is mergekit 0.1.5's, then mergefleet's own.
 """
 
 from __future__ import annotations
 
+from workers.methods.arcee_fusion import ARCEE_FUSION
 from workers.methods.base import ConfigError, MergeMethod, MethodOptions, MethodParameters
+from workers.methods.karcher import KARCHER
 from workers.methods.linear import LINEAR
+from workers.methods.model_stock import MODEL_STOCK
+from workers.methods.multislerp import MULTISLERP
+from workers.methods.nearswap import NEARSWAP
+from workers.methods.nuslerp import NUSLERP
+from workers.methods.passthrough import PASSTHROUGH
+from workers.methods.ram import RAM, RAMPLUS_TL
+from workers.methods.sce import SCE
+from workers.methods.slerp import SLERP
 from workers.methods.sparse_gta import BREADCRUMBS, BREADCRUMBS_TIES, DARE_LINEAR, DARE_TIES, DELLA, DELLA_LINEAR
 from workers.methods.task_arithmetic import TASK_ARITHMETIC
 from workers.methods.ties import TIES
@@ -22,6 +33,17 @@ REGISTRY: dict[str, MergeMethod] = {m.name: m for m in (
     BREADCRUMBS_TIES,
     DELLA,
     DELLA_LINEAR,
+    SCE,
+    SLERP,
+    NUSLERP,
+    MULTISLERP,
+    KARCHER,
+    MODEL_STOCK,
+    NEARSWAP,
+    ARCEE_FUSION,
+    RAM,
+    RAMPLUS_TL,
+    PASSTHROUGH,
     TWIN,
 )}
 

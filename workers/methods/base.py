@@ -94,7 +94,7 @@ def first(*values):
 
 MERGEKIT_PARAMETERS = frozenset({  # every parameter a mergekit 0.1.5 method takes (top level or per model)
     "weight", "density", "gamma", "epsilon", "lambda", "normalize", "rescale", "int8_mask", "select_topk", "t",
-    "nuslerp_flatten", "nuslerp_row_wise", "filter_wise", "max_iter", "tol", "similarity_threshold", "eps",
+    "nuslerp_flatten", "nuslerp_row_wise", "filter_wise", "max_iter", "tol", "eps", "r", "alpha", "scale",
 })
 
 
