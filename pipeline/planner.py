@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from pipeline.config import DEFAULT_SHARD_BYTES, ConfigError, MergeConfig, parse_bytes
 from pipeline.settings import layer_count, layer_position
-from pipeline.slices import layer_count_updates, plan_slices
+from pipeline.slices import layer_count_updates, model_names, plan_slices
 from pipeline.tokenizer import chat_template_text, check_shared_vocabulary, tokenizer_source
 from workers.compiled import compile_from_environment
 from workers.methods import MethodOptions, get_method, method_of
@@ -231,17 +231,19 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
 
 def _sliced(config: MergeConfig, method, output: Location):
     """(options, tasks, inputs, reference, summaries, config.json updates) of a ``slices:`` config
-    (pipeline/slices.py); a slice whose options differ from the first slice's carries its own."""
-    sliced, models, found = plan_slices(config, output.storage_options)
+    (pipeline/slices.py); a tensor whose options differ from the first slice's carries its own."""
+    sliced, models, layers = plan_slices(config, output.storage_options)
     resolved: dict[str, MethodOptions] = {}
     first = method.resolve(sliced[0].config) if sliced else None
     tasks = []
     for t in sliced:
-        own = method.resolve(t.config)
+        for model, info in zip(t.models, t.infos):
+            _check_input(t.name, t.infos[0], model.url, info, t.models[0].url)
+        own = method.resolve(t.config.at(t.name, t.t))
         own = resolved.setdefault(own.model_dump_json(), own)
-        tasks.append(make_task(config, method, t.name, t.info, (t.info,), options=None if own == first else own))
-    reference = models[0]
-    updates = layer_count_updates(_model_config(reference.url, output.storage_options), found["layers"])
+        tasks.append(make_task(config, method, t.name, t.infos[0], t.infos, options=None if own == first else own))
+    reference = sliced[0].models[0]
+    updates = layer_count_updates(_model_config(reference.url, output.storage_options), layers)
     return first, tasks, models, reference, [_summarize("model", m, output.storage_options) for m in models], updates
 
 
@@ -252,7 +254,10 @@ def model_dir(model: ModelFiles) -> str:
 
 def _tokenizer(config: MergeConfig, options: MethodOptions, inputs: list[ModelFiles], storage_options: dict):
     """(directory of the tokenizer source or None, chat template or None), checked at plan time."""
-    names = ([config.base_model] if options.uses_base else []) + [m.model for m in expert_models(config, options.uses_base)]
+    if config.slices is not None:
+        names = model_names(config)
+    else:
+        names = [config.base_model] * options.uses_base + [m.model for m in expert_models(config, options.uses_base)]
     dirs = {name: model_dir(model) for name, model in zip(names, inputs)}
     source = tokenizer_source(config)
     source_dir = None

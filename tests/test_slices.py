@@ -55,11 +55,9 @@ def test_passthrough_frankenmerge_stacks_and_renumbers_layers(llamas, tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"merge_method": "ties", "slices": [{"sources": [{"model": "A", "layer_range": [0, 1]}]}]},
-     "slices: with merge_method ties is not supported yet"),
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_range": [0, 1]},
-                                                             {"model": "B", "layer_range": [0, 1]}]}]},
-     "a slice that merges several sources is not supported yet"),
+                                                             {"model": "B", "layer_range": [0, 2]}]}]},
+     "span different numbers of layers"),
     ({"merge_method": "passthrough", "models": [{"model": "A"}],
       "slices": [{"sources": [{"model": "A", "layer_range": [0, 1]}]}]}, "not both"),
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_range": [2, 1]}]}]},
@@ -77,5 +75,40 @@ def test_layer_range_beyond_the_model_is_refused(llamas, tmp_path):
 
     config = {"merge_method": "passthrough", "output": str(tmp_path / "out"),
               "slices": [{"sources": [{"model": str(llamas[0]), "layer_range": [0, 5]}]}]}
-    with pytest.raises(ConfigError, match="has 3 layers"):
+    with pytest.raises(ConfigError, match="it has 3 layers"):
         build_plan(load_config(config))
+
+
+def test_slerp_over_slices_as_mergekit_configs_write_it(llamas, tmp_path):
+    """The usual mergekit slerp config: two models' full layer ranges in one slice, t a gradient over
+    that slice's layers; equal to the same merge written with models:."""
+    a, b = llamas
+    parameters = {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"value": 0.3}]}
+    sliced = {"merge_method": "slerp", "base_model": str(a), "dtype": "float32", "parameters": parameters,
+              "output": str(tmp_path / "sliced"),
+              "slices": [{"sources": [{"model": str(a), "layer_range": [0, 3]}, {"model": str(b), "layer_range": [0, 3]}]}]}
+    plain = {"merge_method": "slerp", "base_model": str(a), "dtype": "float32", "parameters": parameters,
+             "output": str(tmp_path / "plain"), "models": [{"model": str(a)}, {"model": str(b)}]}
+    run_merge(load_config(sliced), progress=False)
+    run_merge(load_config(plain), progress=False)
+    got, expected = read_output(tmp_path / "sliced"), read_output(tmp_path / "plain")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                           load_file(str(b / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_two_slices_merged_from_shifted_ranges(llamas, tmp_path):
+    """Slices of several sources: layer first + j of each source merges into output layer offset + j."""
+    a, b = llamas
+    config = {"merge_method": "linear", "dtype": "float32", "output": str(tmp_path / "out"),
+              "slices": [{"sources": [{"model": str(a), "layer_range": [0, 1]}, {"model": str(b), "layer_range": [1, 2]}]},
+                         {"sources": [{"model": str(a), "layer_range": [2, 3]}, {"model": str(b), "layer_range": [2, 3]}]}]}
+    run_merge(load_config(config), progress=False)
+    merged = read_output(tmp_path / "out")
+    src = {"a": load_file(str(a / "model.safetensors")), "b": load_file(str(b / "model.safetensors"))}
+    name = "model.layers.{}.mlp.down_proj.weight"
+    torch.testing.assert_close(merged[name.format(0)], (src["a"][name.format(0)] + src["b"][name.format(1)]) / 2)
+    torch.testing.assert_close(merged[name.format(1)], (src["a"][name.format(2)] + src["b"][name.format(2)]) / 2)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2
