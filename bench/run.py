@@ -77,22 +77,26 @@ def method_preset(name: str) -> dict:
     return {"merge_method": name, **METHOD_EXTRAS.get(name, {})}
 
 
-METHOD_EXTRAS = {"slerp": {"parameters": {"t": 0.5}}, "nearswap": {"parameters": {"t": 0.5}}}
+METHOD_EXTRAS = {  # required parameters, and how many experts a method takes (mergekit's rules)
+    "slerp": {"parameters": {"t": 0.5}, "experts": 1}, "nearswap": {"parameters": {"t": 0.5}, "experts": 1},
+    "arcee_fusion": {"experts": 1}, "nuslerp": {"experts": 2}, "passthrough": {"experts": 1, "no_base": True},
+}
 
 
 def merge_yaml(name: str, base: Path, experts: list[Path]) -> dict:
     """The mergekit-format config both tools run."""
     from workers.methods import get_method
 
-    method = method_preset(name)
-    takes_density = "density" in get_method(method["merge_method"]).model_parameters.model_fields
-    density = ({"density": 0.2} if method["merge_method"] == "ties" else {"density": 0.5} if takes_density
-               and name not in METHODS else {})
-    config = {**method, "dtype": "bfloat16",
-              "models": [{"model": str(e), "parameters": {"weight": 1.0, **density}} for e in experts]}
+    method = dict(method_preset(name))
+    experts = experts[:method.pop("experts", len(experts))]
+    no_base = method.pop("no_base", False)
+    accepted = get_method(method["merge_method"]).model_parameters.model_fields
+    density = {"density": 0.2} if method["merge_method"] == "ties" else {} if name in METHODS else {"density": 0.5}
+    per_model = {k: v for k, v in {"weight": 1.0, **density}.items() if k in accepted}
+    config = {**method, "dtype": "bfloat16", "models": [{"model": str(e), "parameters": per_model} for e in experts]}
     if method["merge_method"] == "linear":
         config["models"].insert(0, {"model": str(base), "parameters": {"weight": 1.0}})
-    else:
+    elif not no_base:
         config["base_model"] = str(base)
     return config
 
