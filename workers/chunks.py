@@ -192,6 +192,27 @@ class MergeInputs:
         return self.ctx.buffer(("merged",), experts.shape[1:], out_dtype)
 
 
+def chunk_values(ctx: ShardContext, inputs: MergeInputs, compute):
+    """A re-iterable pass over a tensor: calling the result yields ``compute(rows, base, experts)``
+    for every row chunk in order (timed as kernel work); a tensor of one chunk is computed once and
+    served again on later passes."""
+    cached: list = []
+
+    def values():
+        if cached:
+            yield cached[0]
+            return
+        for rows in inputs.ranges:
+            base, experts = inputs.load(rows)
+            with ctx.timer.track("kernel"):
+                value = compute(rows, base, experts)
+            if len(inputs.ranges) == 1:
+                cached.append(value)
+            yield value
+
+    return values
+
+
 def copy_tensor(chunks: ChunkReader, task: TensorTask, writer: ShardWriter) -> None:
     """Stream a tensor taken unmerged from its source into ``writer``, cast to its output dtype."""
     for rows in row_ranges(task):

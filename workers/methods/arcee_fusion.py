@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.chunks import chunk_values
 from workers.kernels.order64 import kth_smallest
 from workers.kernels.tree_sum import TreeSum, pairwise_sum
 from workers.methods.base import ConfigError, MergeMethod, MethodOptions, MethodParameters, row_elements
@@ -137,26 +138,14 @@ class ArceeFusionMethod(MergeMethod):
             first = flat_start(task, rows) // width
             return (diff.view(-1, width) * kl[first:first + diff.numel() // width, None]).view(-1)
 
-        cached = []  # a tensor in one chunk: I computed once for every pass
-
-        def chunks():
-            if cached:
-                yield cached[0]
-                return
-            for rows in inputs.ranges:
-                base, experts = inputs.load(rows)
-                with ctx.timer.track("kernel"):
-                    values = importance(rows, base, experts)
-                if len(inputs.ranges) == 1:
-                    cached.append(values)
-                yield values
-
+        chunks = chunk_values(ctx, inputs, importance)
         q1, q2, q3 = (r.value for r in kth_smallest(chunks, quartile_ranks(numel)))
         threshold = q2 + IQR_FACTOR * (q3 - q1)
+        single = next(chunks()) if len(inputs.ranges) == 1 else None  # served from the pass above
         for rows in inputs.ranges:
             base, experts = inputs.load(rows)
             with ctx.timer.track("kernel"):
-                take = (cached[0] if cached else importance(rows, base, experts)) >= threshold
+                take = (single if single is not None else importance(rows, base, experts)) >= threshold
                 out = inputs.merged_buffer(experts, out_dtype).copy_(torch.where(take, experts[0].float(),
                                                                                  base.float()))
             yield rows, out

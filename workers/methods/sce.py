@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import model_validator
 
+from workers.chunks import chunk_values
 from workers.kernels.order64 import TopCut, TopRule, top_n_rule
 from workers.kernels.tree_sum import TreeSum
 from workers.methods.base import MergeMethod, MethodOptions, MethodParameters, Scalar, row_elements
@@ -95,19 +96,7 @@ class SceMethod(MergeMethod):
         if s <= 0:
             return TopRule(2**63 - 1, 0)
 
-        cached = []  # a tensor in one chunk: σ² computed once for every pass
-
-        def variances():
-            if cached:
-                yield cached[0]
-                return
-            for rows in inputs.ranges:
-                base, experts = inputs.load(rows)
-                with ctx.timer.track("kernel"):
-                    values = _variance(_taus(base, experts))
-                if len(inputs.ranges) == 1:
-                    cached.append(values)
-                yield values
+        variances = chunk_values(ctx, inputs, lambda rows, base, experts: _variance(_taus(base, experts)))
 
         nonzero = sum(int(torch.count_nonzero(v)) for v in variances())
         k = sce_keep_count(nonzero, s)
