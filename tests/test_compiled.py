@@ -81,3 +81,13 @@ def test_a_compile_failure_turns_off_only_its_own_task(chunk, monkeypatch):
     assert torch.equal(first.run(selection.high_bucket_ids, base, experts, numel=experts.numel()), eager)
     assert first.enabled is False and dict(os.environ) == environment
     assert Compiler().enabled is True
+
+
+def test_random_keep_mask_compiled_equals_eager():
+    from workers.kernels.random_masks import keep_mask
+
+    index = torch.arange(1000, 1000 + COMPILE_MIN_ELEMENTS + 5)
+    key = torch.tensor(123456789, dtype=torch.int64)
+    probability = torch.tensor(0.3, dtype=torch.float64)
+    assert torch.equal(keep_mask(key, index, probability), Compiler().run(keep_mask, key, index, probability,
+                                                                          numel=index.numel()))

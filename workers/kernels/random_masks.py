@@ -30,7 +30,14 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniforms(key: int, index: torch.Tensor) -> torch.Tensor:
-    """float64 numbers in [0, 1), one per int64 flat element index, for this key."""
+def uniforms(key, index: torch.Tensor) -> torch.Tensor:
+    """float64 numbers in [0, 1), one per int64 flat element index, for this key (an int or a 0-d
+    int64 tensor, so that a compiled kernel takes every key)."""
     hi = _fmix32(((index >> 32) ^ key) & _M32)
     return _fmix32((index & _M32) ^ hi).to(torch.float64) / 2.0**32
+
+
+def keep_mask(key, index: torch.Tensor, probability: torch.Tensor) -> torch.Tensor:
+    """Per element: kept with ``probability`` (a 0-d or per-element float64 tensor). Integer
+    arithmetic and an exact division, so compiled and eager give the same mask."""
+    return uniforms(key, index) < probability

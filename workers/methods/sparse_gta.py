@@ -177,7 +177,9 @@ class SparseTaskArithmetic(MergeMethod):
 
     def bytes_per_element(self, task) -> int:
         experts = len(task.inputs) - 1
-        return super().bytes_per_element(task) + experts * (4 + 4 + 1) + 8 + 8 + 16  # τ̃, w·τ̃, masks; ranks, u
+        # per expert: τ, |τ|, τ̃, w·τ̃, its sign and the agreement (float32), masks; the index, DELLA's
+        # ranks and probabilities, the vote, the elected sign, the sums (measured: bench/run.py)
+        return super().bytes_per_element(task) + experts * 32 + 96
 
     def chunk_rows(self, task, budget: int, reserve: int) -> int:
         if self.sparsification == "della_magprune" and len(task.shape) == 1:
@@ -196,12 +198,14 @@ class SparseTaskArithmetic(MergeMethod):
             if density >= 1:
                 masks.append(torch.ones_like(index, dtype=torch.bool))
                 continue
-            u = random_masks.uniforms(random_masks.mask_key(options.random_seed, task.name, t), index)
+            key = torch.tensor(random_masks.mask_key(options.random_seed, task.name, t), dtype=torch.int64,
+                               device=ctx.device)
             if self.sparsification == "random":
-                masks.append(u < density)
+                probability = torch.tensor(density, dtype=torch.float64, device=ctx.device)
             else:
                 tau = experts[t].float() - base.float()
-                masks.append(u < _della_probabilities(tau, task.shape, rows, density, options.epsilons[t]))
+                probability = _della_probabilities(tau, task.shape, rows, density, options.epsilons[t])
+            masks.append(ctx.compiler.run(random_masks.keep_mask, key, index, probability, numel=index.numel()))
         return masks
 
     def _scales(self, ctx, inputs, options: SparseOptions, rules) -> list[float]:
