@@ -179,7 +179,8 @@ class SparseTaskArithmetic(MergeMethod):
         experts = len(task.inputs) - 1
         # per expert: τ, |τ|, τ̃, w·τ̃, its sign and the agreement (float32), masks; the index, DELLA's
         # ranks and probabilities, the vote, the elected sign, the sums (measured: bench/run.py)
-        return super().bytes_per_element(task) + experts * 32 + 96
+        della = 64 if self.sparsification == "della_magprune" else 0  # a row's sort values, indices, ranks, probabilities
+        return super().bytes_per_element(task) + experts * 32 + 128 + della
 
     def chunk_rows(self, task, budget: int, reserve: int) -> int:
         if self.sparsification == "della_magprune" and len(task.shape) == 1:
