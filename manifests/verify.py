@@ -10,7 +10,7 @@ from manifests.markers import STATE_DIR
 from manifests.reader import ManifestError, read_manifest, read_tensor_table
 from manifests.schema import MANIFEST_JSON, MANIFEST_SHA256, config_digest
 from workers.storage import CheckpointError, join_url, open_fs, storage_errors
-from workers.tensor_io import PICKLE_SUFFIXES, read_header
+from workers.tensor_io import is_weight_file, read_header
 
 BLOCK = 8 * 1024 * 1024
 INDEX_SUFFIX = ".safetensors.index.json"  # model.safetensors.index.json and the like, in any folder
@@ -134,4 +134,4 @@ def _unlisted_files(output_url: str, manifest, storage_options) -> list[str]:
     names = (p[len(root) + 1:] for p in fs.find(root))
     return [f"{name}: a weight file the manifest does not list (foreign or stale); remove it"
             for name in sorted(names) if not name.startswith(STATE_DIR + "/") and name not in listed
-            and name.endswith((".safetensors", INDEX_SUFFIX, *PICKLE_SUFFIXES))]
+            and is_weight_file(name)]

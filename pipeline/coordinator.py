@@ -36,7 +36,7 @@ from workers.publishing import put_file, tensor_rows, write_index
 from workers.results import ShardResult
 from workers.specs import ShardSpec
 from workers.storage import open_fs
-from workers.tensor_io import DTYPES, PICKLE_SUFFIXES
+from workers.tensor_io import DTYPES, is_weight_file
 
 LOG = logging.getLogger(__name__)
 STAGES = ("read", "convert", "kernel", "write")
@@ -151,8 +151,7 @@ def _side_files(model_dir: str, storage_options: dict, exclude: tuple[str, ...],
 
 def _is_weight_file(name: str) -> bool:
     base = name.rsplit("/", 1)[-1]
-    return (base.endswith((".safetensors", *PICKLE_SUFFIXES)) or base.endswith(".index.json")
-            or name.startswith(".cache/") or base.startswith("."))
+    return is_weight_file(base) or name.startswith(".cache/") or base.startswith(".")
 
 
 def _with_dtype(model_config: dict, output_dtype: str, *, top: bool = True) -> dict:

@@ -27,10 +27,9 @@ from manifests.schema import MANIFEST_JSON, MANIFEST_PARQUET, MANIFEST_SHA256, M
 from pipeline.planner import ShardPlan
 from workers.results import ShardResult
 from workers.storage import AlreadyPublishedError, Location, storage_errors
+from workers.tensor_io import is_weight_file
 
 LOG = logging.getLogger(__name__)
-
-WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
 
 
 class OutputInUseError(RuntimeError):
@@ -152,7 +151,7 @@ def remove_previous_run(plan: ShardPlan, existing: Manifest | None, record: dict
     listed |= {MANIFEST_JSON, MANIFEST_PARQUET, MANIFEST_SHA256, *(s.file_name for s in plan.shards)}
     present = list_files(output)
     foreign = [f for f in present if f not in listed and not f.startswith(markers.STATE_DIR + "/")
-               and f.endswith(WEIGHT_SUFFIXES)]
+               and is_weight_file(f)]
     if foreign:
         raise OutputInUseError(f"{plan.output_url} holds weight files no mergefleet run there wrote ({_some(foreign)}); "
                                "they would be served beside this run's. Remove them or choose another output")

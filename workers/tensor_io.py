@@ -39,6 +39,7 @@ HEADER_LIMIT = 100 * 1024 * 1024  # safetensors refuses headers above 100 MB; so
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+WEIGHT_SUFFIXES = (".safetensors", ".index.json", ".gguf", *PICKLE_SUFFIXES)  # weights, or an index of them
 REMOTE_CHUNK_BYTES = 64 * 1024 * 1024  # largest single ranged GET; bigger reads are split
 
 DTYPES: dict[str, torch.dtype] = {
@@ -390,6 +391,11 @@ def _prod(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether a file name is weights (or their index) a loader would serve: never a side file."""
+    return name.endswith(WEIGHT_SUFFIXES)
 
 
 def rows_of(shape: tuple[int, ...]) -> int:
