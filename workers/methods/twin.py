@@ -23,6 +23,7 @@ from workers.methods.base import (
     MethodParameters,
     describe_errors,
     expert_models,
+    row_elements,
 )
 from workers.methods.twin_shard import (
     TWIN_MATRIX_COPIES,
@@ -170,7 +171,7 @@ class TwinMethod(MergeMethod):
         """Row chunks that fit ``budget`` next to the whole matrix a 2-D tensor's SVD holds; refuses
         a tensor whose matrix cannot fit at all."""
         held = held_matrix_bytes(task.shape)
-        row_bytes = stream_bytes_per_element(task) * max(1, _row_elements(task.shape))
+        row_bytes = stream_bytes_per_element(task) * row_elements(task.shape)
         if held + row_bytes > budget:
             m, n = task.shape
             raise ConfigError(
@@ -184,7 +185,7 @@ class TwinMethod(MergeMethod):
     def tensor_memory(self, task, options: TwinOptions, budget: int) -> int:
         if task.action == "merge":
             return tensor_memory(task, options.uses_base, budget)[0]
-        return itemsize(task.inputs[0].dtype) * task.chunk_rows * _row_elements(task.shape) * 2
+        return itemsize(task.inputs[0].dtype) * task.chunk_rows * row_elements(task.shape) * 2
 
     def summary(self, plan) -> dict:
         experts = [i.url for i in plan.inputs if i.role != "base"]
@@ -204,13 +205,6 @@ class TwinMethod(MergeMethod):
 
     def publish(self, plan, results, prepared):
         return twin_publish.publish(plan, results, prepared)
-
-
-def _row_elements(shape) -> int:
-    n = 1
-    for s in shape[1:]:
-        n *= s
-    return n
 
 
 def _mib(n: int) -> str:
