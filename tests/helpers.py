@@ -29,6 +29,21 @@ def make_models(root: Path, n_experts: int = 3, *, dtype=torch.float32, seed: in
     return base_dir, expert_dirs, base, experts
 
 
+def run_pipeline(config: dict) -> tuple[dict[str, torch.Tensor], object]:
+    """Plan with build_plan, run every shard in this process with run_shard, read every output file."""
+    from pipeline.config import load_config
+    from pipeline.planner import build_plan
+    from workers.shard_task import run_shard
+
+    plan = build_plan(load_config(config))
+    for spec in plan.shards:
+        run_shard(spec)
+    tensors = {}
+    for spec in plan.shards:
+        tensors.update(load_file(str(Path(plan.output_url) / spec.file_name)))
+    return tensors, plan
+
+
 def read_output(out: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in sorted(out.glob("model-*.safetensors")):

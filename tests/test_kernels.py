@@ -28,13 +28,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
-from helpers import merge_reference
-from pipeline.config import load_config
-from pipeline.planner import build_plan
+from helpers import merge_reference, run_pipeline
 from pipeline.samples import write_model
-from workers.shard_task import run_shard
 
 TINY_CONFIG = {"model_type": "llama", "hidden_size": 8}
 SHAPES = {"a.weight": (16, 12), "b.weight": (33, 7), "c.bias": (12,), "d.weight": (5, 5, 3)}
@@ -70,18 +66,6 @@ def grid_models(n_experts: int, seed: int, shapes=SHAPES, levels: int = 12):
 def write_inputs(root: Path, base: dict | None, experts: list[dict]) -> tuple[str | None, list[str]]:
     base_dir = str(write_model(root / "base", base, TINY_CONFIG)) if base is not None else None
     return base_dir, [str(write_model(root / f"e{i}", e, TINY_CONFIG)) for i, e in enumerate(experts)]
-
-
-def run_pipeline(config: dict) -> tuple[dict[str, torch.Tensor], object]:
-    """Plan with build_plan, run every shard with run_shard, read every output file."""
-    plan = build_plan(load_config(config))
-    for spec in plan.shards:
-        run_shard(spec)
-    out = Path(plan.output_url)
-    tensors = {}
-    for spec in plan.shards:
-        tensors.update(load_file(str(out / spec.file_name)))
-    return tensors, plan
 
 
 def make_config(method: str, base_dir, expert_dirs, out, *, weights=None, densities=None, parameters=None, **extra):

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import read_output
+from helpers import read_output, run_pipeline
 from safetensors.torch import load_file
 
 from pipeline.config import ConfigError, load_config
-from pipeline.planner import build_plan
 from pipeline.samples import write_model
 from workers.kernels import spherical
 from workers.methods.multislerp import MultislerpError
-from workers.shard_task import run_shard
 from workers.tensor_io import rows_of
 
 TINY_CONFIG = {"model_type": "llama", "hidden_size": 8}
@@ -188,18 +186,6 @@ def config(method: str, out: Path, models, base=None, parameters=None, **extra) 
     if base is not None:
         cfg["base_model"] = str(base)
     return cfg
-
-
-def run_pipeline(cfg: dict):
-    """Plan, run every shard in this process, read every output tensor."""
-    plan = build_plan(load_config(cfg))
-    for spec in plan.shards:
-        run_shard(spec)
-    out = Path(plan.output_url)
-    tensors = {}
-    for spec in plan.shards:
-        tensors.update(load_file(str(out / spec.file_name)))
-    return tensors, plan
 
 
 def floats(tensors: dict) -> list[str]:
