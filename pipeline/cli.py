@@ -1,4 +1,4 @@
-"""mergefleet command line: run | plan | verify | status | demo | twin (train-router, predict).
+"""mergefleet command line: run | plan | verify | status | demo | twin (train-router, predict, generate).
 
 Exit status: 0 success; 1 `verify` found problems; 2 the command could not run (bad config or
 arguments, storage / credential errors, a missing output, any other error: one line
@@ -171,9 +171,8 @@ def _cmd_twin_train_router(args) -> int:
     return 0
 
 
-def _cmd_twin_predict(args) -> int:
-    from twin.load import load_tokenizer, load_twin, predict
-
+def _fixed_weights(args) -> list[float] | None:
+    """--weights as numbers; it goes with --mode fixed, which needs it."""
     weights = None
     if args.weights is not None:
         try:
@@ -182,9 +181,31 @@ def _cmd_twin_predict(args) -> int:
             raise ValueError(f"--weights {args.weights!r}: give one number per expert, comma-separated (e.g. 1,0,0)") from None
     if (args.mode == "fixed") != (weights is not None):
         raise ValueError("--weights goes with --mode fixed (and fixed mode needs --weights)")
+    return weights
+
+
+def _cmd_twin_predict(args) -> int:
+    from twin.load import load_tokenizer, load_twin, predict
+
+    weights = _fixed_weights(args)
     twin = load_twin(args.output, router=args.mode != "fixed" or None)
     result = predict(twin, load_tokenizer(args.output), args.text, mode=args.mode, weights=weights)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_twin_generate(args) -> int:
+    from twin.load import generate_texts, load_tokenizer, load_twin, read_prompts
+
+    weights = _fixed_weights(args)
+    prompts = list(args.prompt or []) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT (repeat it) or --prompts-file F.jsonl")
+    twin = load_twin(args.output, router=args.mode != "fixed" or None)
+    results = generate_texts(twin, load_tokenizer(args.output), prompts, mode=args.mode, weights=weights,
+                             top_k=args.top_k, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    for result in results:
+        print(json.dumps(result) if args.json else result["text"])
     return 0
 
 
@@ -250,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace an output that already holds a run")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
-    twin = sub.add_parser("twin", help="Twin-Merging: train the router of a twin run, predict with it")
+    twin = sub.add_parser("twin", help="Twin-Merging: train the router of a twin run, predict or generate with it")
     twin_sub = twin.add_subparsers(dest="twin_command", required=True)
     train = twin_sub.add_parser("train-router", help="train the router on the shared model's features; writes OUTPUT/router/")
     train.add_argument("output", help="output URL of a twin run")
@@ -265,10 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict = twin_sub.add_parser("predict", help="run θ* + Σ w_t(x)·B_t A_t on texts; print the weights and outputs as JSON")
     predict.add_argument("output", help="output URL of a twin run")
     predict.add_argument("--text", action="append", required=True, help="an input text (repeat for a batch)")
-    predict.add_argument("--mode", choices=("router", "hard", "fixed"), default="router",
+    predict.add_argument("--mode", choices=("router", "hard", "fixed", "top_k"), default="router",
                          help="router: softmax of the router; hard: its top-1 expert; fixed: --weights")
     predict.add_argument("--weights", help="fixed mode: one weight per expert in manifest order, e.g. 1,0,0")
     predict.set_defaults(func=_cmd_twin_predict)
+    generate = twin_sub.add_parser("generate", help="generate text from prompts with a causal-LM twin run, each "
+                                                    "prompt routed once and its weights held while decoding")
+    generate.add_argument("output", help="output URL of a twin run")
+    generate.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    generate.add_argument("--prompts-file", help="JSONL of {\"text\": PROMPT} (the router's data file works: its "
+                                                 "task is ignored); after the --prompt ones")
+    generate.add_argument("--mode", choices=("router", "hard", "fixed", "top_k"), default="router",
+                          help="router: softmax of the router; hard: its top-1; top_k: its top --top-k, "
+                               "renormalised; fixed: --weights")
+    generate.add_argument("--top-k", type=int, default=None, help="experts mixed in top_k mode (default 2)")
+    generate.add_argument("--weights", help="fixed mode: one weight per expert in manifest order, e.g. 1,0,0")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--batch-size", type=int, default=8, help="prompts generated together (left-padded)")
+    generate.add_argument("--json", action="store_true", help="one JSON line per prompt, in order: prompt, text, "
+                                                             "token_ids (generated only), weights")
+    generate.set_defaults(func=_cmd_twin_generate)
     return parser
 
 

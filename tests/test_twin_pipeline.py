@@ -26,7 +26,8 @@ from pipeline.config import ConfigError, load_config
 from pipeline.coordinator import run_merge
 from pipeline.samples import build_sample_models, write_model
 from pipeline.planner import build_plan
-from twin.load import load_twin
+from twin.inference import TwinModel
+from twin.load import load_expert_deltas, load_shared_model, load_twin, local_shared_dir, read_twin_manifest
 from workers.kernels.twin import factorize
 from workers.methods.twin import expert_names
 
@@ -157,10 +158,15 @@ def test_default_rank_ratio_records_and_compression(llama):
 def test_adapters_in_peft_equal_twin_fixed_mode(llama):
     peft = pytest.importorskip("peft")
     out = llama.outs["default"]
-    twin = load_twin(str(out))
-    assert twin.router is None and twin.experts == ["expert0", "expert1", "expert2"]
-    assert set(twin.omitted_deltas["expert0"]) == {"model.norm.weight", *(f"model.layers.{i}.{n}_layernorm.weight"
-                                                                         for i in (0, 1) for n in ("input", "post_attention"))}
+    manifest = read_twin_manifest(str(out))
+    omitted = {e["name"]: set(e["adapter"]["omitted"]) for e in manifest.extra["twin"]["experts"]}
+    assert omitted["expert0"] == {"model.norm.weight", *(f"model.layers.{i}.{n}_layernorm.weight"
+                                                         for i in (0, 1) for n in ("input", "post_attention"))}
+    factors, dense = load_expert_deltas(str(out), manifest)
+    carried = {e: {n: d for n, d in deltas.items() if n not in omitted[e]} for e, deltas in dense.items()}
+    with local_shared_dir(str(out), manifest) as directory:
+        twin = TwinModel(load_shared_model(directory), factors, carried)  # the twin without what peft cannot carry
+    assert load_twin(str(out)).router is None and twin.experts == ["expert0", "expert1", "expert2"]
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
     load = lambda: transformers.LlamaForCausalLM.from_pretrained(str(out / "shared"), dtype=torch.float32).eval()  # noqa: E731
     shared_model = load()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import logging
 import shutil
 import tempfile
 from collections import Counter
@@ -23,8 +22,6 @@ from twin.router import ROUTER_CONFIG_FILE, ROUTER_WEIGHTS_FILE, Router, mean_po
 from workers.methods.twin_publish import ROUTER_DIR, SHARED_DIR, model_class, read_safetensors, split_deltas
 from workers.storage import Location, is_local, join_url, open_fs
 from workers.tensor_io import DTYPES, FLOAT_DTYPES, read_header
-
-LOG = logging.getLogger(__name__)
 
 
 def read_twin_manifest(output_url: str, *, storage_options: dict | None = None) -> Manifest:
@@ -113,55 +110,36 @@ def load_expert_deltas(output_url: str, manifest: Manifest, *, storage_options: 
 def load_twin(output_url: str, *, router: bool | None = None, storage_options: dict | None = None) -> TwinModel:
     """θ* (transformers, from shared/), every expert's factors and, when trained, the router, as a
     ``TwinModel`` for dynamic inference. ``router``: True requires one, False leaves it out, None
-    (default) uses it when router/ exists.
-
-    Dense deltas the twin layers cannot apply (e.g. on an RMSNorm) are left out with a warning and
-    listed in ``twin.omitted_deltas`` ({expert: [names]}), as the PEFT adapters leave them out.
+    (default) uses it when router/ exists. Every stored delta is applied (norms and biases
+    included); one the twin layers cannot apply is an error naming it.
     """
     manifest = read_twin_manifest(output_url, storage_options=storage_options)
     with local_shared_dir(output_url, manifest, storage_options=storage_options) as directory:
         model = load_shared_model(directory)
     factors, dense = load_expert_deltas(output_url, manifest, storage_options=storage_options)
-    omitted = {}
-    for expert, deltas in dense.items():
-        dropped = sorted(name for name in deltas if not _twin_layers_apply(model, name))
-        for name in dropped:
-            del deltas[name]
-        if dropped:
-            omitted[expert] = dropped
-    if omitted:
-        LOG.warning("dense deltas the twin layers cannot apply are left out: %s", omitted)
     trained = load_router(output_url, storage_options=storage_options) if router is not False else None
     if router and trained is None:
         raise ValueError(f"{output_url} has no router yet; run `mergefleet twin train-router {output_url} --data DATA.jsonl`")
     if trained is not None and trained.tasks != [e["name"] for e in manifest.extra["twin"]["experts"]]:
         raise ValueError(f"the router's tasks {trained.tasks} are not this run's experts; train the router again")
-    twin = TwinModel(model, factors, dense, router=trained)
-    twin.omitted_deltas = omitted
-    return twin
+    return TwinModel(model, factors, dense, router=trained)
 
 
-def _twin_layers_apply(model: nn.Module, name: str) -> bool:
-    """Whether TwinModel applies a dense delta to this parameter (Linear bias, LayerNorm weight/bias)."""
-    path, _, param = name.rpartition(".")
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        return True  # let TwinModel name the missing module
-    return (isinstance(module, nn.Linear) and param == "bias") or (
-        isinstance(module, nn.LayerNorm) and param in ("weight", "bias"))
+def choose_weights(twin: TwinModel, mode: str, weights: Sequence[float] | None = None, top_k: int | None = None) -> None:
+    """Set how ``twin`` weighs its experts: a router mode, or "fixed" with one weight per expert."""
+    if mode == "fixed":
+        if weights is None:
+            raise ValueError(f"mode fixed needs weights, one per expert: {twin.experts}")
+        twin.set_weights(torch.tensor(list(weights), dtype=torch.float32))
+    else:
+        twin.set_mode(mode, top_k=top_k)
 
 
 def predict(twin: TwinModel, tokenizer, texts: Sequence[str], *, mode: str = "router",
             weights: Sequence[float] | None = None, max_length: int = 512) -> dict:
     """Run the twin model on ``texts``: the expert weights used per text, and per text the model's
     output (a causal LM: the predicted next token; otherwise the mean-pooled last hidden state)."""
-    if mode == "fixed":
-        if weights is None:
-            raise ValueError(f"mode fixed needs weights, one per expert: {twin.experts}")
-        twin.set_weights(torch.tensor(list(weights), dtype=torch.float32))
-    else:
-        twin.set_mode(mode)
+    choose_weights(twin, mode, weights)
     batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     inputs = dict(batch)
     if "position_ids" in inspect.signature(twin.model.forward).parameters:
@@ -189,3 +167,45 @@ def predict(twin: TwinModel, tokenizer, texts: Sequence[str], *, mode: str = "ro
             item["embedding"] = [round(float(x), 6) for x in pooled]
         results.append(item)
     return {"experts": list(twin.experts), "mode": mode, "results": results}
+
+
+def read_prompts(data_url: str, *, storage_options: dict | None = None) -> list[str]:
+    """Prompts from JSONL lines with a "text" (the router's data file, whose "task" is ignored)."""
+    fs, path = open_fs(data_url, storage_options)
+    prompts = []
+    for number, line in enumerate(fs.cat_file(path).decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{data_url} line {number}: not JSON ({error}); expected {{\"text\": ...}}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{data_url} line {number}: expected an object with a string field 'text', got {line[:200]!r}")
+        prompts.append(record["text"])
+    return prompts
+
+
+def generate_texts(twin: TwinModel, tokenizer, prompts: Sequence[str], *, mode: str = "router",
+                   weights: Sequence[float] | None = None, top_k: int | None = None, max_new_tokens: int = 64,
+                   batch_size: int = 8, **generate_kwargs) -> list[dict]:
+    """Generate from each prompt (greedy unless ``generate_kwargs`` say otherwise), batches of
+    ``batch_size`` padded on the left, each prompt routed once. Per prompt, in order: the prompt,
+    the generated text, its token ids (prompt excluded, cut after the first EOS) and the weights used."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    choose_weights(twin, mode, weights, top_k)
+    tokenizer.padding_side = "left"
+    options = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id,
+               **generate_kwargs}
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        encoded = tokenizer(batch, return_tensors="pt", padding=True)
+        sequences = twin.generate(**encoded, **options)
+        for prompt, ids, used in zip(batch, sequences[:, encoded["input_ids"].shape[1]:].tolist(), twin.last_weights):
+            if tokenizer.eos_token_id in ids:
+                ids = ids[:ids.index(tokenizer.eos_token_id) + 1]
+            results.append({"prompt": prompt, "text": tokenizer.decode(ids, skip_special_tokens=True),
+                            "token_ids": ids, "weights": [round(float(w), 6) for w in used]})
+    return results
