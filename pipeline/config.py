@@ -1,9 +1,10 @@
 """The merge config: mergekit's YAML format plus mergefleet's optional keys, validated once.
 
-An existing mergekit config for linear, task_arithmetic or ties works unchanged. Unknown keys
-are an error naming the key. The keys under ``parameters:`` (top level and per model) belong to
-the method: they are validated through its registered parameter models (workers/methods/), so a
-key of another method says which method has it. ``resolve_method`` turns a config into the
+An existing mergekit config works unchanged: ``models:``, ``slices:`` (pipeline/slices.py) or
+``modules:`` (pipeline/modules.py). Unknown keys are an error naming the key. The keys under
+``parameters:`` (top level, per module and per model) belong to the method: they are validated
+through its registered parameter models (workers/methods/), so a key of another method says which
+method has it. ``resolve_method`` turns a config into the
 method's resolved options (every default filled).
 """
 
@@ -74,21 +75,46 @@ def refuse_lora(model: str) -> str:
     return model
 
 
-class SliceSource(_Frozen):
+class ModuleModel(_Frozen):
+    """A model of a module's ``models:`` (its parameters validated with the module: pipeline/modules.py)."""
+
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)  # the method's per-model keys for this model
+
+    @field_validator("model")
+    @classmethod
+    def _no_lora(cls, model: str) -> str:
+        return refuse_lora(model)
+
+
+class SliceSource(ModuleModel):
     model: str  # the model the layers come from
-    layer_range: tuple[int, int]  # [first, end) of its layers, as mergekit writes it
-    parameters: dict[str, Any] = Field(default_factory=dict)  # the method's per-model keys for this slice
+    layer_range: tuple[int, int]  # [first, end) of its layers, as mergekit writes it ([n, n]: none)
 
     @field_validator("layer_range")
     @classmethod
     def _ordered(cls, value):
-        if not 0 <= value[0] < value[1]:
-            raise ValueError(f"layer_range {list(value)} must be [first, end) with 0 <= first < end")
+        if not 0 <= value[0] <= value[1]:
+            raise ValueError(f"layer_range {list(value)} must be [first, end) with 0 <= first <= end")
         return value
 
 
 class OutputSlice(_Frozen):
     sources: tuple[SliceSource, ...]  # the models whose layers make this slice of the output
+
+
+class OutputModule(_Frozen):
+    """One module of a ``modules:`` config (pipeline/modules.py): its models or its slices."""
+
+    models: tuple[ModuleModel, ...] | None = None  # every layer of the module, merged from these models
+    slices: tuple[OutputSlice, ...] | None = None  # or its layers slice by slice, as the top-level slices:
+    parameters: dict[str, Any] = Field(default_factory=dict)  # over the top-level ones, under each model's
+
+    @model_validator(mode="after")
+    def _models_or_slices(self):
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("give the module models: or slices: (one of them, not empty), as mergekit requires")
+        return self
 
 
 class TokenizerSpec(_Frozen):
@@ -109,8 +135,9 @@ class TokenizerSpec(_Frozen):
 
 class MergeConfig(_Frozen):
     merge_method: str  # the algorithm, as in mergekit (+ twin): a name in workers.methods.REGISTRY
-    models: tuple[ModelEntry, ...] = ()  # experts (linear: every model averaged); or slices:
+    models: tuple[ModelEntry, ...] = ()  # experts (linear: every model averaged); or slices: or modules:
     slices: tuple[OutputSlice, ...] | None = None  # mergekit's layer slices (stacked by passthrough: pipeline/slices.py)
+    modules: dict[str, OutputModule] | None = None  # mergekit's per-module recipes (pipeline/modules.py)
     base_model: str | None = None  # θ₀; required for task_arithmetic and ties
     parameters: SerializeAsAny[MethodParameters] = MethodParameters()  # the method's top-level keys (workers/methods/)
     dtype: str | None = None  # output dtype (computation is always float32); default: the base's dtype
@@ -159,13 +186,17 @@ class MergeConfig(_Frozen):
         return {**data, "parameters": parameters, "parameter_settings": data.get("parameter_settings", settings)}
 
     @model_validator(mode="after")
-    def _models_or_slices(self):
-        if self.slices is not None and self.models:
-            raise ValueError("give models: or slices:, not both (as mergekit)")
-        if self.slices is None and not self.models:
-            raise ValueError("missing required key 'models': list at least one model (or give slices:)")
-        if self.slices is not None and not self.slices:
-            raise ValueError("slices: is empty; list at least one slice")
+    def _models_slices_or_modules(self):
+        given = [key for key, value in (("models", self.models or None), ("slices", self.slices),
+                                        ("modules", self.modules)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"give exactly one of models:, slices: or modules: (as mergekit); this config gives "
+                             f"{' and '.join(given)}")
+        if not given:
+            raise ValueError("missing required key 'models': list at least one model (or give slices: or modules:)")
+        for key in ("slices", "modules"):
+            if getattr(self, key) is not None and not getattr(self, key):
+                raise ValueError(f"{key}: is empty; list at least one {key[:-1]}")
         return self
 
     @field_validator("base_model")
@@ -206,6 +237,11 @@ class MergeConfig(_Frozen):
             raise ValueError(f"memory_budget ({self.memory_budget}) must exceed process_reserve ({self.process_reserve}), "
                              "the memory a worker process holds before any tensor; raise memory_budget")
         return self
+
+    @property
+    def sliced(self) -> bool:
+        """Whether the config gives slices: or modules: (planned slice by slice: pipeline/modules.py)."""
+        return self.slices is not None or self.modules is not None
 
     @property
     def output_dtype(self) -> str | None:
@@ -323,12 +359,16 @@ def load_config(source: Union[str, Path, dict[str, Any]]) -> MergeConfig:
         config = MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{where}: " + "; ".join(_describe(e) for e in exc.errors())) from None
-    if config.slices is None:
-        resolve_method(config)
-    else:
+    if config.modules is not None:
+        from pipeline.modules import module_configs  # each module is resolved as a config of its own
+
+        module_configs(config)
+    elif config.slices is not None:
         from pipeline.slices import slice_configs  # slices are resolved one source model at a time
 
         slice_configs(config)
+    else:
+        resolve_method(config)
     return config
 
 
@@ -352,8 +392,20 @@ def _describe(error: dict) -> str:
         return error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         name = str(error["loc"][-1])
-        valid = list(ModelEntry.model_fields) if len(error["loc"]) > 1 else list(MergeConfig.model_fields)
-        return unknown_key(key, name, valid, mergekit_has=name in MERGEKIT_CONFIG_KEYS)
+        return unknown_key(key, name, list(_section(error["loc"]).model_fields),
+                           mergekit_has=name in MERGEKIT_CONFIG_KEYS)
     if error["type"] == "missing":
         return f"missing required key {key!r}"
-    return f"{key}: {error['msg']}"
+    return f"{key}: {error['msg'].removeprefix('Value error, ')}"
+
+
+SECTIONS = {(): MergeConfig, ("models",): ModelEntry, ("slices",): OutputSlice, ("slices", "sources"): SliceSource,
+            ("modules",): OutputModule, ("modules", "models"): ModuleModel, ("modules", "slices"): OutputSlice,
+            ("modules", "slices", "sources"): SliceSource, ("tokenizer",): TokenizerSpec}
+
+
+def _section(loc: tuple) -> type[BaseModel]:
+    """The config section (its model) holding the key at ``loc``: list indices and module names skipped."""
+    path = tuple(part for i, part in enumerate(loc[:-1])
+                 if isinstance(part, str) and not (i == 1 and loc[0] == "modules"))
+    return SECTIONS.get(path, ModelEntry)

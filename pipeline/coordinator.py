@@ -30,6 +30,7 @@ from pipeline.config import MergeConfig
 from pipeline.planner import ShardPlan, build_plan
 from pipeline.ray_tasks import MergeShard, ScanShard, submit
 from pipeline.resume import check_claim, prepare_output
+from pipeline.settings import with_config_values
 from pipeline.tokenizer import TOKENIZER_FILES, with_chat_template
 from workers.methods import method_of
 from workers.publishing import put_file, tensor_rows, write_index
@@ -126,7 +127,7 @@ def copy_side_files(plan: ShardPlan, config: MergeConfig, *, directory: str = ""
         model_config = json.loads(files["config.json"])
         if config.output_dtype:
             model_config = _with_dtype(model_config, config.output_dtype)
-        files["config.json"] = json.dumps({**model_config, **plan.config_updates}, indent=2).encode()
+        files["config.json"] = json.dumps(with_config_values(model_config, plan.config_updates), indent=2).encode()
     if plan.chat_template is not None:
         files.pop("chat_template.jinja", None)
         files["tokenizer_config.json"] = with_chat_template(files.get("tokenizer_config.json", b""), plan.chat_template)

@@ -13,14 +13,14 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from pipeline.config import DEFAULT_SHARD_BYTES, ConfigError, MergeConfig, parse_bytes
-from pipeline.settings import layer_count, layer_position
-from pipeline.slices import layer_count_updates, model_names, plan_slices
+from pipeline.modules import layer_counts, model_names, plan_modules, read_model_config
+from pipeline.settings import layer_position
 from pipeline.tokenizer import chat_template_text, check_shared_vocabulary, tokenizer_source
 from workers.compiled import compile_from_environment
 from workers.methods import MethodOptions, get_method, method_of
 from workers.methods.base import expert_models, task_bytes_per_element
 from workers.specs import ShardSpec, TensorTask
-from workers.storage import Location, check_bucket, check_storage_options, fingerprint, join_url, open_fs, overlap
+from workers.storage import Location, check_bucket, check_storage_options, fingerprint, overlap
 from workers.tensor_io import FLOAT_DTYPES, ModelFiles, TensorInfo, itemsize, resolve_model, rows_of
 
 LOG = logging.getLogger(__name__)
@@ -50,10 +50,10 @@ class ShardPlan:
     shards: tuple[ShardSpec, ...]
     inputs: tuple[InputSummary, ...]
     side_files_from: str  # model directory whose config.json and other non-weight files are copied
-    ignored_tensors: tuple[str, ...]  # tensors present only in some experts, not in the reference
+    ignored_tensors: tuple[str, ...]  # tensors not in the output: only in some experts; of modules not listed
     tokenizer_from: str | None = None  # model directory whose tokenizer files replace the reference's
     chat_template: str | None = None  # written into the output's tokenizer_config.json
-    config_updates: dict = field(default_factory=dict)  # config.json keys to set (slices: the layer count)
+    config_updates: dict = field(default_factory=dict)  # config.json keys to set (dotted: nested), e.g. layer counts
 
     @property
     def output_url(self) -> str:
@@ -151,12 +151,6 @@ def tied_copies(model: ModelFiles, model_config: dict) -> dict[str, str]:
     return tied
 
 
-def _model_config(model_url: str, storage_options: dict) -> dict:
-    fs, root = open_fs(model_url, storage_options)
-    path = join_url(root.rsplit("/", 1)[0] if root.endswith(".safetensors") else root, "config.json")
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else {}
-
-
 def shard_groups(sizes: list[int], n_shards: int) -> list[list[int]]:
     """Split tensor indices (in order) into min(n_shards, len(sizes)) contiguous, non-empty groups
     balanced by bytes: a group closes once a tensor's byte midpoint passes its share of the total."""
@@ -184,27 +178,25 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
     if not url:
         raise ConfigError("no output: give `output:` in the config or --output URL")
     output = _output_location(url, storage_options or dict(config.storage))
-    sources = [s.model for sl in config.slices or () for s in sl.sources]
-    for model_url in {config.base_model, *(m.model for m in config.models), *sources} - {None}:
+    for model_url in {config.base_model, *(m.model for m in config.models), *model_names(config)} - {None}:
         check_storage_options(model_url, output.storage_options)
-    if config.slices is not None:
-        options, tasks, inputs, reference, summaries, config_updates = _sliced(config, method, output)
-        ignored = []
+    if config.sliced:
+        options, tasks, inputs, reference, summaries, config_updates, ignored = _sliced(config, method, output)
     else:
         options = method.resolve(config)
         inputs, reference, summaries = _inputs(config, options, output.storage_options)
-        model_config = _model_config(reference.url, output.storage_options)
-        tied = tied_copies(reference, model_config)
+        reference_config = read_model_config(reference.url, output.storage_options)
+        tied = tied_copies(reference, reference_config)
         tasks = [_tensor_task(config, method, name, reference, inputs, tied.get(name))
                  for name in sorted(reference.tensors, key=natural_key)]
         if config.parameter_settings:
-            tasks = _per_tensor_options(config, method, options, tasks, model_config)
+            tasks = _per_tensor_options(config, method, options, tasks, reference_config)
         ignored = sorted({n for m in inputs for n in m.tensors} - set(reference.tensors), key=natural_key)
         config_updates = {}
+        if ignored:
+            LOG.warning("%d tensors exist in some inputs but not in %s and are not merged: %s", len(ignored),
+                        reference.url, ignored[:10])
     _check_apart(output.url, inputs)
-    if ignored:
-        LOG.warning("%d tensors exist in some inputs but not in %s and are not merged: %s", len(ignored),
-                    reference.url, ignored[:10])
     if not tasks:
         raise ConfigError(f"{reference.url}: holds no tensors to merge")
     sizes = [_tensor_bytes(t) for t in tasks]
@@ -230,11 +222,14 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
 
 
 def _sliced(config: MergeConfig, method, output: Location):
-    """(options, tasks, inputs, reference, summaries, config.json updates) of a ``slices:`` config
-    (pipeline/slices.py); a tensor whose options differ from the first slice's carries its own."""
-    sliced, models, layers = plan_slices(config, output.storage_options)
+    """(options, tasks, inputs, reference, summaries, config.json updates, tensors left out) of a
+    ``slices:`` or ``modules:`` config (pipeline/modules.py); a tensor whose options differ from the
+    first one's carries its own."""
+    sliced, models, updates, left_out = plan_modules(config, output.storage_options)
+    if not sliced:
+        raise ConfigError("the listed modules own no tensor of the model; list the modules that hold its weights")
     resolved: dict[str, MethodOptions] = {}
-    first = method.resolve(sliced[0].config) if sliced else None
+    first = method.resolve(sliced[0].config)
     tasks = []
     for t in sliced:
         for model, info in zip(t.models, t.infos):
@@ -242,9 +237,9 @@ def _sliced(config: MergeConfig, method, output: Location):
         own = method.resolve(t.config.at(t.name, t.t))
         own = resolved.setdefault(own.model_dump_json(), own)
         tasks.append(make_task(config, method, t.name, t.infos[0], t.infos, options=None if own == first else own))
-    reference = sliced[0].models[0]
-    updates = layer_count_updates(_model_config(reference.url, output.storage_options), layers)
-    return first, tasks, models, reference, [_summarize("model", m, output.storage_options) for m in models], updates
+    tasks.sort(key=lambda task: natural_key(task.name))  # as a models: plan orders them
+    summaries = [_summarize("model", m, output.storage_options) for m in models]
+    return first, tasks, models, sliced[0].models[0], summaries, updates, left_out
 
 
 def model_dir(model: ModelFiles) -> str:
@@ -254,7 +249,7 @@ def model_dir(model: ModelFiles) -> str:
 
 def _tokenizer(config: MergeConfig, options: MethodOptions, inputs: list[ModelFiles], storage_options: dict):
     """(directory of the tokenizer source or None, chat template or None), checked at plan time."""
-    if config.slices is not None:
+    if config.sliced:
         names = model_names(config)
     else:
         names = [config.base_model] * options.uses_base + [m.model for m in expert_models(config, options.uses_base)]
@@ -274,12 +269,12 @@ def _per_tensor_options(config: MergeConfig, method, options: MethodOptions, tas
     if getattr(options, "trim_scope", "tensor") == "global":
         raise ConfigError("trim_scope: global takes one density per expert for the whole model; gradients and "
                           "filters need trim_scope: tensor")
-    n_layers = layer_count(model_config, [t.name for t in tasks])
+    n_layers = layer_counts(model_config, [t.name for t in tasks])
     resolved: dict[str, MethodOptions] = {}
     result = []
     for task in tasks:
         if task.action == "merge":
-            own = method.resolve(config.at(task.name, layer_position(task.name, n_layers)))
+            own = method.resolve(config.at(task.name, layer_position(task.name, n_layers[task.name])))
             own = resolved.setdefault(own.model_dump_json(), own)
             if own != options:
                 task = dataclasses.replace(task, options=own)

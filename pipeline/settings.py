@@ -4,9 +4,10 @@ A setting is a scalar; a gradient (a list of numbers, interpolated linearly over
 layer's position t ∈ [0, 1] the value is (1 − f)·v[i] + f·v[i + 1], i = ⌊t·(n − 1)⌋; a list of
 booleans or strings picks v[⌊t·(n − 1)⌋]); or a list of conditions ``{filter: TEXT, value: SETTING}``,
 the first whose filter is a substring of the tensor's name (or is missing or ``*``) applying. A
-condition that matches nothing leaves the key to the next scope (per model, then the top level,
-then the method's default), as in mergekit. Layer i of n has t = i / (n − 1) (1 when n = 1); a
-tensor outside the layers (embeddings, final norm, head) has t = 0.
+condition that matches nothing leaves the key to the next scope (per model, then the module's in a
+``modules:`` config, then the top level, then the method's default), as in mergekit. Layer i of n
+has t = i / (n − 1) (1 when n = 1); a tensor outside the layers (embeddings, final norm, head) has
+t = 0.
 """
 
 from __future__ import annotations
@@ -73,10 +74,38 @@ def layer_position(tensor: str, n_layers: int) -> float:
     return int(match.group(1)) / (n_layers - 1) if n_layers > 1 else 1.0
 
 
-def layer_count(model_config: dict, tensor_names) -> int:
-    """The model's number of layers: config.json's, else one more than the largest layer index seen."""
-    for key in LAYER_COUNT_KEYS:
-        if isinstance(model_config.get(key), int):
-            return model_config[key]
+def layer_count(model_config: dict, tensor_names, keys: tuple[str, ...] = LAYER_COUNT_KEYS) -> int:
+    """The number of layers: the first of ``keys`` config.json has (dotted: nested, e.g.
+    ``vision_config.depth``), else one more than the largest layer index of ``tensor_names`` (0: none)."""
+    for key in keys:
+        value = config_value(model_config, key)
+        if isinstance(value, int):
+            return value
     indices = [int(m.group(1)) for m in map(LAYER.search, tensor_names) if m]
-    return max(indices) + 1 if indices else 1
+    return max(indices) + 1 if indices else 0
+
+
+def config_value(model_config: dict, key: str) -> Any:
+    """config.json's value at a dotted key (``text_config.num_hidden_layers``), or None."""
+    value: Any = model_config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def with_config_values(model_config: dict, updates: dict[str, Any]) -> dict:
+    """config.json with each dotted key of ``updates`` set (its nested mappings copied, not changed)."""
+    result = dict(model_config)
+    for key, value in updates.items():
+        head, _, rest = key.partition(".")
+        result[head] = with_config_values(result.get(head) or {}, {rest: value}) if rest else value
+    return result
+
+
+def falling_back(setting: Any, fallback: Any) -> Any:
+    """``setting`` with ``fallback`` deciding where none of its conditions matches: one setting for
+    two scopes (a module's parameters over the top-level ones, as mergekit resolves them)."""
+    conditions = [setting] if isinstance(setting, dict) else setting
+    if not isinstance(conditions, list) or not any(isinstance(c, dict) for c in conditions):
+        return setting  # a number or a gradient always gives a value
+    return [*conditions, {"value": fallback}]

@@ -9,21 +9,23 @@ slice's (final norm, head), as mergekit plans its pre- and post-layer weights. O
 with ``passthrough`` is a frankenmerge; several sources with any method is mergekit's usual slerp
 (or TIES, …) over layer ranges. Gradients in a slice run over that slice's layers: layer j of n has
 t = j / (n − 1); tensors outside the layers have t = 0. Each slice's sources carry their own
-``parameters`` (over the top-level ones), as per-model parameters.
+``parameters`` (over the top-level ones), as per-model parameters. A slice may be empty ([n, n]:
+no layers, as mergekit allows). pipeline/modules.py plans these slices module by module.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError, MergeConfig, load_config
-from pipeline.settings import LAYER, LAYER_COUNT_KEYS, layer_count
+from pipeline.settings import LAYER, layer_count
 from workers.methods import get_method
 from workers.methods.base import expert_models
-from workers.tensor_io import ModelFiles, TensorInfo, resolve_model
+from workers.tensor_io import ModelFiles, TensorInfo
 
-PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")  # before the layers
+PRE_LAYER = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type|patch|ln_pre")  # before layers
 
 
 @dataclass(frozen=True)
@@ -59,38 +61,33 @@ def slice_configs(config: MergeConfig) -> list[MergeConfig]:
     return configs
 
 
-def model_names(config: MergeConfig) -> list[str]:
-    """Every model a sliced config reads, as it names them, in first-use order (the base last)."""
-    names = dict.fromkeys(s.model for sl in config.slices for s in sl.sources)
-    return list(names | ({config.base_model: None} if config.base_model else {}))
-
-
-def plan_slices(config: MergeConfig, storage_options: dict) -> tuple[list[SlicedTensor], list[ModelFiles], int]:
-    """(the output tensors in order, the distinct input models, the output's layer count)."""
+def plan_slices(config: MergeConfig, models: dict[str, ModelFiles],
+                owns: Callable[[str], bool]) -> tuple[list[SlicedTensor], int]:
+    """(the output tensors in order, the output's layer count) of the tensors ``owns`` accepts
+    (a module's: pipeline/modules.py), the inputs resolved in ``models`` by the config's names."""
     configs = slice_configs(config)
     method = get_method(config.merge_method)
-    models = {url: resolve_model(url, storage_options=storage_options) for url in model_names(config)}
     ordered = [_ordered_sources(c, method, sl) for c, sl in zip(configs, config.slices)]
     tensors: list[SlicedTensor] = []
     first_sources, last_sources = ordered[0], ordered[-1]
-    tensors += _outside(first_sources, models, configs[0], pre=True)
+    tensors += _outside(first_sources, models, configs[0], owns, pre=True)
     offset = 0
     for i, (sources, slice_config) in enumerate(zip(ordered, configs)):
         n = sources[0][1][1] - sources[0][1][0]
         for url, (first, end) in sources:
-            available = layer_count({}, list(models[url].tensors))
+            available = layer_count({}, list(filter(owns, models[url].tensors)))
             if end > available:
                 raise ConfigError(f"slices.{i}: layer_range [{first}, {end}] of {url!r}: it has {available} layers")
         lead_url, (lead_first, _) = sources[0]
         for j in range(n):
-            for name in sorted(x for x in models[lead_url].tensors if _layer_of(x) == lead_first + j):
+            for name in sorted(x for x in models[lead_url].tensors if owns(x) and _layer_of(x) == lead_first + j):
                 infos = tuple(_tensor(models[url], _renumbered(name, first + j), i) for url, (first, _) in sources)
                 tensors.append(SlicedTensor(_renumbered(name, offset + j), infos,
                                             tuple(models[url] for url, _ in sources), slice_config,
                                             j / (n - 1) if n > 1 else 1.0))
         offset += n
-    tensors += _outside(last_sources, models, configs[-1], pre=False)
-    return tensors, list(models.values()), offset
+    tensors += _outside(last_sources, models, configs[-1], owns, pre=False)
+    return tensors, offset
 
 
 def _ordered_sources(slice_config: MergeConfig, method, output_slice) -> list[tuple[str, tuple[int, int]]]:
@@ -104,10 +101,11 @@ def _ordered_sources(slice_config: MergeConfig, method, output_slice) -> list[tu
     return [(url, ranges[url]) for url in base + [m.model for m in expert_models(slice_config, options.uses_base)]]
 
 
-def _outside(sources, models: dict, slice_config: MergeConfig, *, pre: bool) -> list[SlicedTensor]:
-    """The tensors outside the layers before them (``pre``) or after, merged from these sources."""
+def _outside(sources, models: dict, slice_config: MergeConfig, owns: Callable[[str], bool], *,
+             pre: bool) -> list[SlicedTensor]:
+    """The tensors ``owns`` accepts outside the layers, before them (``pre``) or after, merged from these sources."""
     lead = models[sources[0][0]]
-    names = sorted(n for n in lead.tensors if not LAYER.search(n) and bool(PRE_LAYER.search(n)) == pre)
+    names = sorted(n for n in lead.tensors if owns(n) and not LAYER.search(n) and bool(PRE_LAYER.search(n)) == pre)
     return [SlicedTensor(n, tuple(_tensor(models[url], n, None) for url, _ in sources),
                          tuple(models[url] for url, _ in sources), slice_config, 0.0) for n in names]
 
@@ -130,9 +128,3 @@ def _renumbered(name: str, layer: int) -> str:
     """The tensor name with its layer index replaced."""
     match = LAYER.search(name)
     return name[:match.start(1)] + str(layer) + name[match.end(1):]
-
-
-def layer_count_updates(model_config: dict, layers: int) -> dict:
-    """config.json keys to set for the output's layer count (the key the model's config uses)."""
-    key = next((k for k in LAYER_COUNT_KEYS if k in model_config), "num_hidden_layers")
-    return {key: layers}

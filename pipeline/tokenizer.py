@@ -20,6 +20,7 @@ import json
 from collections import Counter
 
 from pipeline.config import ConfigError, MergeConfig
+from pipeline.modules import model_names
 from workers.storage import join_url, open_fs
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -44,9 +45,9 @@ def tokenizer_source(config: MergeConfig) -> str | None:
         if not config.base_model:
             raise ConfigError("tokenizer_source: base needs base_model")
         return config.base_model
-    if source not in {config.base_model, *(m.model for m in config.models)}:
+    if source not in {config.base_model, *(m.model for m in config.models), *model_names(config)}:
         raise ConfigError(f"tokenizer_source {source!r} is not one of the merged models; name base, or a model "
-                          "exactly as it is listed under models:")
+                          "exactly as it is listed under models: (or slices: or modules:)")
     return source
 
 

@@ -90,7 +90,8 @@ def test_version(capsys):
 @pytest.mark.parametrize("config, expected", [
     ({"parameters": {"densty": 0.3}}, "unknown key 'parameters.densty': neither mergekit nor mergefleet has it; "
                                       "did you mean 'density'?"),
-    ({"modules": {}}, "unknown key 'modules': mergekit has it; mergefleet does not support it yet"),
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}], "parameters": {}}]},
+     "unknown key 'slices.0.parameters': mergekit has it; mergefleet does not support it yet"),
     ({"otput": "x"}, "did you mean 'output'?"),
     ({"parameters": {"rank": 4}}, "parameters.rank is an option of twin, not of ties; it needs merge_method: twin"),
 ])

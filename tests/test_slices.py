@@ -59,9 +59,9 @@ def test_passthrough_frankenmerge_stacks_and_renumbers_layers(llamas, tmp_path):
                                                              {"model": "B", "layer_range": [0, 2]}]}]},
      "span different numbers of layers"),
     ({"merge_method": "passthrough", "models": [{"model": "A"}],
-      "slices": [{"sources": [{"model": "A", "layer_range": [0, 1]}]}]}, "not both"),
+      "slices": [{"sources": [{"model": "A", "layer_range": [0, 1]}]}]}, "exactly one of models:, slices: or modules:"),
     ({"merge_method": "passthrough", "slices": [{"sources": [{"model": "A", "layer_range": [2, 1]}]}]},
-     "0 <= first < end"),
+     "0 <= first <= end"),
 ])
 def test_slice_refusals(config, message, tmp_path):
     from pipeline.planner import build_plan
