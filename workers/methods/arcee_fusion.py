@@ -24,7 +24,7 @@ import torch
 from workers.chunks import chunk_values
 from workers.kernels.order64 import kth_smallest
 from workers.kernels.tree_sum import TreeSum, pairwise_sum
-from workers.methods.base import ConfigError, MergeMethod, MethodOptions, MethodParameters, row_elements
+from workers.methods.base import ConfigError, MergeMethod, MethodOptions, MethodParameters
 from workers.methods.model_stock import bytes_with_float64, distinct_experts, flat_start
 
 SOFTMAX_EPS = 1e-8  # added to both softmaxes before the KL
@@ -79,8 +79,6 @@ class ArceeFusionMethod(MergeMethod):
     def bytes_per_element(self, task) -> int:
         return bytes_with_float64(task, 5)  # θ₀, θ₁, the softmaxes, the KL terms; importance keys and digits
 
-    def tensor_memory(self, task, options, budget) -> int:
-        return self.bytes_per_element(task) * task.chunk_rows * row_elements(task.shape)
 
     # --- the whole-tensor statistics ---------------------------------------------------------------
     def _row_kl(self, ctx, inputs, width: int) -> torch.Tensor:

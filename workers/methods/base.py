@@ -222,7 +222,8 @@ class MergeMethod:
 
     def tensor_memory(self, task: TensorTask, options: MethodOptions, budget: int) -> int:
         """The most bytes of tensors a task holds while it makes this (merged or copied) tensor."""
-        return task_bytes_per_element(task) * task.chunk_rows * row_elements(task.shape)
+        per_element = self.bytes_per_element(task) if task.action == "merge" else task_bytes_per_element(task)
+        return per_element * task.chunk_rows * row_elements(task.shape)
 
     def summary(self, plan) -> dict:
         """What `mergefleet plan` shows beyond the shards (Twin: the experts, the largest matrix)."""

@@ -148,9 +148,6 @@ class ModelStockMethod(MergeMethod):
     def bytes_per_element(self, task) -> int:
         return bytes_with_float64(task, 3, extra=8)  # τ, Σ products, the halving's copies; float32 average
 
-    def tensor_memory(self, task, options, budget) -> int:
-        return self.bytes_per_element(task) * task.chunk_rows * row_elements(task.shape)
-
     def _whole_gram(self, ctx, inputs, n: int) -> list[list[torch.Tensor]]:
         """⟨τ_a, τ_b⟩ over the whole tensor, a ≤ b: one pass over the row chunks, fixed-tree sums."""
         sums = [TreeSum() for _ in range(n)]

@@ -62,6 +62,9 @@ class NearswapMethod(MergeMethod):
             raise ConfigError("parameters.t is NaN; nearswap would output NaN everywhere: give a number")
         return NearswapOptions(method=self.name, t=t)
 
+    def bytes_per_element(self, task) -> int:
+        return super().bytes_per_element(task) + 20  # float32 a, b, |a − b| and the weight (bench: calibrate_memory.py)
+
     def merge_tensor(self, ctx, inputs, options: NearswapOptions, prepass, out_dtype):
         t = ctx.scalar(options.t)
         for rows in inputs.ranges:

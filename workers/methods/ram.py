@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import model_validator
 
-from workers.methods.base import MergeMethod, MethodOptions, MethodParameters, Scalar, row_elements
+from workers.methods.base import MergeMethod, MethodOptions, MethodParameters, Scalar
 from workers.methods.model_stock import bytes_with_float64, distinct_experts, shared_only
 
 
@@ -77,9 +77,6 @@ class RamMethod(MergeMethod):
 
     def bytes_per_element(self, task) -> int:
         return bytes_with_float64(task, 2, extra=16)  # exact τ, float32 τ and masks; counts
-
-    def tensor_memory(self, task, options, budget) -> int:
-        return self.bytes_per_element(task) * task.chunk_rows * row_elements(task.shape)
 
     def _boosts(self, ctx, inputs, options: RamOptions) -> list[float]:
         """ramplus_tl's λ_t from the whole tensor's shared / unique counts (exact integers)."""

@@ -24,7 +24,7 @@ from pydantic import model_validator
 from workers.chunks import chunk_values
 from workers.kernels.order64 import TopCut, TopRule, top_n_rule
 from workers.kernels.tree_sum import TreeSum
-from workers.methods.base import MergeMethod, MethodOptions, MethodParameters, Scalar, row_elements
+from workers.methods.base import MergeMethod, MethodOptions, MethodParameters, Scalar
 from workers.methods.model_stock import bytes_with_float64, distinct_experts, flat_start, shared_only
 
 WEIGHT_SUM_FLOOR = 1e-6  # Σ w below this: uniform weights
@@ -84,9 +84,6 @@ class SceMethod(MergeMethod):
 
     def bytes_per_element(self, task) -> int:
         return bytes_with_float64(task, 3, extra=40)  # τ, the selected τ and its squares; σ², keys, tie counts
-
-    def tensor_memory(self, task, options, budget) -> int:
-        return self.bytes_per_element(task) * task.chunk_rows * row_elements(task.shape)
 
     def _rule(self, ctx, inputs, options: SceOptions) -> TopRule | None:
         """Which σ² survive the selection (None: all)."""

@@ -177,10 +177,10 @@ class SparseTaskArithmetic(MergeMethod):
 
     def bytes_per_element(self, task) -> int:
         experts = len(task.inputs) - 1
-        # per expert: τ, |τ|, τ̃, w·τ̃, its sign and the agreement (float32), masks; the index, DELLA's
-        # ranks and probabilities, the vote, the elected sign, the sums (measured: bench/run.py)
-        della = 64 if self.sparsification == "della_magprune" else 0  # a row's sort values, indices, ranks, probabilities
-        return super().bytes_per_element(task) + experts * 32 + 128 + della
+        # per expert: τ, |τ|, the kept τ̃ and its mask; the index, the vote, the elected sign, the sums;
+        # DELLA: a row's sort values, ranks and probabilities (bench: calibrate_memory.py)
+        della = 16 if self.sparsification == "della_magprune" else 0
+        return super().bytes_per_element(task) + experts * 24 + 16 + della
 
     def chunk_rows(self, task, budget: int, reserve: int) -> int:
         if self.sparsification == "della_magprune" and len(task.shape) == 1:

@@ -68,6 +68,10 @@ class TiesMethod(MergeMethod):
                            normalize=p.normalize, trim_scope=p.trim_scope, sign_method=p.sign_method,
                            zero_sign=p.zero_sign)
 
+    def bytes_per_element(self, task) -> int:
+        # the eager kernels' τ, |τ| and kept τ per expert beyond the default (bench: calibrate_memory.py)
+        return super().bytes_per_element(task) + 14 * (len(task.inputs) - 1)
+
     def prepass(self, options: TiesOptions, plan, run_scans, saved):
         if options.trim_scope != "global":
             return None
