@@ -139,9 +139,15 @@ def demo_workdir(output: str | Path, workdir: str | Path | None = None) -> Path:
 def _cmd_demo(args) -> int:
     from pipeline.config import load_config
     from pipeline.coordinator import run_merge
-    from pipeline.samples import ensure_sample_models
+    from pipeline.samples import ensure_sample_models, write_if_changed
 
-    work = demo_workdir(args.output, args.workdir)
+    output = args.output or ("out/demo-twin" if args.twin else "out/demo")
+    work = demo_workdir(output, args.workdir)
+    if args.twin:
+        from pipeline.demo_twin import run_twin_demo
+
+        print(json.dumps(run_twin_demo(output, work, overwrite=args.overwrite, progress=not args.no_progress), indent=2))
+        return 0
     # built once (seed 0) and then reused as they are, with the same config: a rerun on a complete
     # output is a no-op, on a partial one it resumes
     base, experts = ensure_sample_models(work / "models", n_experts=3, seed=0)
@@ -149,12 +155,9 @@ def _cmd_demo(args) -> int:
         "merge_method": "ties", "base_model": str(base),
         "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5}} for e in experts],
         "parameters": {"normalize": True, "lambda": 1.0}, "dtype": "bfloat16",
-        "output": str(Path(args.output).resolve()), "shards": 4,
+        "output": str(Path(output).resolve()), "shards": 4,
     }
-    config_text = yaml.safe_dump(config, sort_keys=False)
-    config_path = work / "merge.yaml"
-    if not config_path.is_file() or config_path.read_text() != config_text:
-        config_path.write_text(config_text)
+    config_path = write_if_changed(work / "merge.yaml", yaml.safe_dump(config, sort_keys=False))
     print(f"sample base + {len(experts)} experts in {work / 'models'}; config {config_path}")
     manifest = run_merge(load_config(config_path), overwrite=args.overwrite, progress=not args.no_progress)
     print(json.dumps(_summary(manifest), indent=2))
@@ -258,14 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("output", help="output URL of a run")
     _add_storage_arguments(status)
     status.set_defaults(func=_cmd_status)
-    demo = sub.add_parser("demo", help="build sample experts and TIES-merge them on embedded Ray",
+    demo = sub.add_parser("demo", help="build sample experts and TIES-merge them on embedded Ray (--twin: Twin-merge, "
+                                        "train the router and predict)",
                           description="Build a small Llama-shaped base and 3 experts (seed 0) in WORKDIR/models "
                                       "unless they are there, write WORKDIR/merge.yaml and TIES-merge them into OUTPUT. "
                                       "A rerun is a no-op on a complete output (it prints the same manifest "
                                       "summary) and resumes a partial one; an output holding another run is "
-                                      "refused unless --overwrite.")
-    demo.add_argument("--output", default="out/demo", help="output directory (default out/demo)")
-    demo.add_argument("--workdir", help="where the sample models and merge.yaml go (default: OUTPUT-work beside "
+                                      "refused unless --overwrite. With --twin: a base with a character tokenizer "
+                                      "and 3 experts fine-tuned on sample tasks (count, alphabet, repeat), "
+                                      "WORKDIR/tasks.jsonl and WORKDIR/twin.yaml; then the twin merge, the router "
+                                      "trained on tasks.jsonl, and each task's prompt routed and continued (JSON).")
+    demo.add_argument("--twin", action="store_true", help="the Twin-Merging walk-through: merge, router, prediction "
+                                                          "(default output out/demo-twin)")
+    demo.add_argument("--output", help="output directory (default out/demo, with --twin out/demo-twin)")
+    demo.add_argument("--workdir", help="where the sample models and the config go (default: OUTPUT-work beside "
                                         "the output, e.g. out/demo-work); built once, then reused (delete "
                                         "WORKDIR/models to rebuild them)")
     demo.add_argument("--overwrite", action="store_true", help="replace an output that already holds a run")

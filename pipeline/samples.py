@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -78,24 +79,39 @@ def build_sample_models(root: Path, *, n_experts: int = 3, dtype: torch.dtype = 
 
 
 def ensure_sample_models(root: Path, *, n_experts: int = 3, seed: int = 0, **kwargs) -> tuple[Path, list[Path]]:
-    """``build_sample_models`` into ``root`` unless they are already there; returns their directories.
+    """``build_sample_models`` into ``root`` unless they are already there (``build_once``); returns their directories."""
+    names = ["base", *(f"expert{e}" for e in range(n_experts))]
+    base, *experts = build_once(root, names, lambda d: build_sample_models(d, n_experts=n_experts, seed=seed, **kwargs))
+    return base, experts
+
+
+def build_once(root: Path, names: Sequence[str], build: Callable[[Path], object]) -> list[Path]:
+    """Unless ``root`` holds the models ``names`` (subdirectories with a config.json), ``build(directory)``
+    makes them there; returns their directories.
 
     A rerun reuses the very files (a rewrite, even of the same bytes, changes their mtime and
     inode, which a run takes as changed inputs). They appear whole or not at all: built in a
     sibling ``<root>.partial`` (removed on failure, or by the next call), then renamed into place."""
     root = Path(root)
-    base, experts = root / "base", [root / f"expert{e}" for e in range(n_experts)]
+    directories = [root / name for name in names]
     if root.exists():
-        missing = [d.name for d in (base, *experts) if not (d / "config.json").is_file()]
+        missing = [d.name for d in directories if not (d / "config.json").is_file()]
         if missing:
             raise FileExistsError(f"{root} exists but lacks the sample model(s) {missing}; delete it to rebuild them")
-        return base, experts
+        return directories
     partial = root.with_name(root.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        build_sample_models(partial, n_experts=n_experts, seed=seed, **kwargs)
+        build(partial)
         os.replace(partial, root)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return base, experts
+    return directories
+
+
+def write_if_changed(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` unless it already holds exactly that (a rerun leaves the file untouched)."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
