@@ -70,7 +70,7 @@ class TiesMethod(MergeMethod):
 
     def bytes_per_element(self, task) -> int:
         # the eager kernels' τ, |τ| and kept τ per expert beyond the default (bench: calibrate_memory.py)
-        return super().bytes_per_element(task) + 14 * (len(task.inputs) - 1)
+        return super().bytes_per_element(task) + 16 * (len(task.inputs) - 1)
 
     def prepass(self, options: TiesOptions, plan, run_scans, saved):
         if options.trim_scope != "global":
