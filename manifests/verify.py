@@ -9,7 +9,8 @@ import json
 from manifests.markers import STATE_DIR
 from manifests.reader import ManifestError, read_manifest, read_tensor_table
 from manifests.schema import MANIFEST_JSON, MANIFEST_SHA256, config_digest
-from workers.storage import CheckpointError, join_url, open_fs, storage_errors
+from workers.attachments import attachment_problems, is_attachment
+from workers.storage import CheckpointError, Location, join_url, open_fs, storage_errors
 from workers.tensor_io import is_weight_file, read_header
 
 BLOCK = 8 * 1024 * 1024
@@ -127,11 +128,14 @@ def _manifest_problems(output_url: str, manifest, storage_options) -> list[str]:
 
 
 def _unlisted_files(output_url: str, manifest, storage_options) -> list[str]:
-    """Weight files and indexes under the output that the manifest does not list: a loader would serve them."""
+    """Weight files and indexes under the output that the manifest does not list (a loader would
+    serve them), and attachments (the Twin router) not bound to the manifest's run."""
     fs, root = open_fs(output_url, storage_options)
     root = root.rstrip("/")
     listed = {f.name for f in manifest.files}
     names = (p[len(root) + 1:] for p in fs.find(root))
-    return [f"{name}: a weight file the manifest does not list (foreign or stale); remove it"
-            for name in sorted(names) if not name.startswith(STATE_DIR + "/") and name not in listed
-            and is_weight_file(name)]
+    unlisted = [name for name in sorted(names) if not name.startswith(STATE_DIR + "/") and name not in listed]
+    attached = [name for name in unlisted if is_attachment(name)]
+    return attachment_problems(Location(output_url, storage_options or {}), attached, manifest.run_id) + [
+        f"{name}: a weight file the manifest does not list (foreign or stale); remove it"
+        for name in unlisted if name not in attached and is_weight_file(name)]

@@ -25,6 +25,7 @@ from manifests import markers
 from manifests.reader import ManifestError, read_manifest
 from manifests.schema import MANIFEST_JSON, MANIFEST_PARQUET, MANIFEST_SHA256, Manifest
 from pipeline.planner import ShardPlan
+from workers.attachments import ROUTER_DIR, ROUTER_RECORD, read_record
 from workers.results import ShardResult
 from workers.storage import AlreadyPublishedError, Location, storage_errors
 from workers.tensor_io import is_weight_file
@@ -76,7 +77,7 @@ def prepare_output(plan: ShardPlan, *, overwrite: bool) -> OutputState:
         return OutputState(complete=_same_run(plan, existing))
     if record is not None:
         return _resume(plan, record)
-    return _claim(plan)
+    return _claim(plan, overwrite=overwrite)
 
 
 def _manifest(output: Location) -> Manifest | None:
@@ -122,9 +123,12 @@ def _resume(plan: ShardPlan, record: dict) -> OutputState:
     return OutputState(run_id=run_id, done=done)
 
 
-def _claim(plan: ShardPlan) -> OutputState:
+def _claim(plan: ShardPlan, *, overwrite: bool) -> OutputState:
     """A fresh run: the output must hold nothing; create the plan record, exclusively."""
     foreign = [f for f in list_files(plan.output) if not f.startswith(markers.STATE_DIR + "/")]
+    if foreign and overwrite:
+        raise OutputInUseError(f"{plan.output_url} still holds files no mergefleet run there wrote ({_some(foreign)}) "
+                               "after --overwrite removed the older run's; remove them or choose an empty output")
     if foreign:
         raise OutputInUseError(f"{plan.output_url} holds files mergefleet did not write ({_some(foreign)}); choose an "
                                "empty output, or pass --overwrite (it removes an older run's files and those this "
@@ -142,13 +146,17 @@ def _claim(plan: ShardPlan) -> OutputState:
 
 def remove_previous_run(plan: ShardPlan, existing: Manifest | None, record: dict | None) -> None:
     """--overwrite: remove what an older run wrote (the files its manifest, plan record or markers
-    list, its manifest and run state) and the files this run will write; refuse when weight files
+    list, its manifest and run state, the router trained for it) and the files this run will write;
+    refuse when weight files
     nobody listed would still be served beside the new run's."""
     output = plan.output
     listed = {f.name for f in existing.files} if existing is not None else set()
     listed |= set(record.get("shards", [])) if record is not None else set()
     listed |= {name for result in markers.read_markers(output).values() for name, _ in result.files()}
     listed |= {MANIFEST_JSON, MANIFEST_PARQUET, MANIFEST_SHA256, *(s.file_name for s in plan.shards)}
+    attached = read_record(output)
+    if existing is not None and attached is not None and attached.get("run_id") == existing.run_id:
+        listed |= {ROUTER_RECORD, *(f"{ROUTER_DIR}/{name}" for name in attached.get("files", {}))}  # its router
     present = list_files(output)
     foreign = [f for f in present if f not in listed and not f.startswith(markers.STATE_DIR + "/")
                and is_weight_file(f)]

@@ -257,3 +257,44 @@ def test_cli_generate_and_router_training_on_prompts(runs, tmp_path, capsys):
                  "--max-new-tokens", "3"]) == 0
     texts = capsys.readouterr().out.splitlines()
     assert len(texts) == 3 * len(words)
+
+
+def test_a_router_is_bound_to_its_run(runs, tmp_path):
+    """verify accepts the router trained for the output's run; a changed, stale or unrecorded one is
+    refused by load_twin and reported by verify; --overwrite takes the old run's router with it."""
+    import json
+    import shutil
+
+    from manifests.verify import verify_output
+    from twin.train import train_twin_router
+
+    out = tmp_path / "twin"
+    shutil.copytree(runs["llama"][0], out)
+    _char_tokenizer(out / "shared")
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("".join(json.dumps({"text": w * (i + 1), "task": f"expert{i}"}) + "\n"
+                            for w in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op") for i in range(3)))
+    train_twin_router(str(out), str(data), epochs=1)
+    assert verify_output(str(out)) == [] and load_twin(str(out)).router is not None
+    weights = out / "router" / "router.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-4] + b"\0\0\0\0")
+    assert any("sha256 differs" in p for p in verify_output(str(out)))
+    with pytest.raises(ValueError, match="changed since training"):
+        load_twin(str(out))
+    weights.write_bytes(original)
+    record = out / "router" / "metrics.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "run_id": "an-older-run"}))
+    with pytest.raises(ValueError, match="trained for run an-older-run.*stale"):
+        load_twin(str(out))
+    record.unlink()
+    assert any("without router/metrics.json" in p for p in verify_output(str(out)))
+
+    manifest = read_twin_manifest(str(out))
+    train_twin_router(str(out), str(data), epochs=1)  # bound again, then the output is overwritten
+    for added in (out / "shared").glob("tokenizer*"):  # ours, not the run's: --overwrite would keep (and refuse) them
+        added.unlink()
+    config = {**manifest.config, "output": str(out), "parameters": {**manifest.config["parameters"], "rank_ratio": 0.5}}
+    run_merge(load_config(config), overwrite=True, progress=False)
+    assert not (out / "router").exists() or not any((out / "router").iterdir())
+    assert verify_output(str(out)) == [] and load_twin(str(out)).router is None

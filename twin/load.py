@@ -19,7 +19,8 @@ from manifests.reader import read_manifest
 from manifests.schema import INDEX_JSON, Manifest
 from twin.inference import TwinModel
 from twin.router import ROUTER_CONFIG_FILE, ROUTER_WEIGHTS_FILE, Router, mean_pool, router_from_files
-from workers.methods.twin_publish import ROUTER_DIR, SHARED_DIR, model_class, read_safetensors, split_deltas
+from workers.attachments import ROUTER_DIR, attachment_problems
+from workers.methods.twin_publish import SHARED_DIR, model_class, read_safetensors, split_deltas
 from workers.storage import Location, is_local, join_url, open_fs
 from workers.tensor_io import DTYPES, FLOAT_DTYPES, read_header
 
@@ -86,15 +87,21 @@ def load_tokenizer(output_url: str, *, storage_options: dict | None = None):
     return tokenizer
 
 
-def load_router(output_url: str, *, storage_options: dict | None = None) -> Router | None:
-    """The router trained for this output, or None when there is none."""
+def load_router(output_url: str, manifest: Manifest, *, storage_options: dict | None = None) -> Router | None:
+    """The router trained for this output's run, or None when there is none; a router of another
+    run, or changed since training, is refused (workers/attachments.py)."""
+    output = Location(output_url, storage_options or {})
     files = {}
     for name in (ROUTER_WEIGHTS_FILE, ROUTER_CONFIG_FILE):
-        fs, path = open_fs(join_url(output_url, ROUTER_DIR, name), storage_options)
-        if not fs.exists(path):
-            return None
-        files[name] = fs.cat_file(path)
-    return router_from_files(files)
+        fs, path = output.fs(ROUTER_DIR, name)
+        if fs.exists(path):
+            files[name] = fs.cat_file(path)
+    if not files:
+        return None
+    problems = attachment_problems(output, [f"{ROUTER_DIR}/{name}" for name in files], manifest.run_id)
+    if problems:
+        raise ValueError(f"{output_url}: " + "; ".join(problems))
+    return router_from_files(files)  # names a missing one
 
 
 def load_expert_deltas(output_url: str, manifest: Manifest, *, storage_options: dict | None = None) -> tuple[dict, dict]:
@@ -117,7 +124,7 @@ def load_twin(output_url: str, *, router: bool | None = None, storage_options: d
     with local_shared_dir(output_url, manifest, storage_options=storage_options) as directory:
         model = load_shared_model(directory)
     factors, dense = load_expert_deltas(output_url, manifest, storage_options=storage_options)
-    trained = load_router(output_url, storage_options=storage_options) if router is not False else None
+    trained = load_router(output_url, manifest, storage_options=storage_options) if router is not False else None
     if router and trained is None:
         raise ValueError(f"{output_url} has no router yet; run `mergefleet twin train-router {output_url} --data DATA.jsonl`")
     if trained is not None and trained.tasks != [e["name"] for e in manifest.extra["twin"]["experts"]]:

@@ -8,19 +8,18 @@ import logging
 
 from twin.load import load_shared_model, local_shared_dir, read_twin_manifest
 from twin.router import evaluate_router, extract_features, labels_for, parse_examples, router_files, split_examples, train_router
-from workers.methods.twin_publish import ROUTER_DIR
+from workers.attachments import ROUTER_DIR, ROUTER_RECORD, attachment_record
 from workers.storage import Location, open_fs
 
 LOG = logging.getLogger(__name__)
-
-ROUTER_METRICS = "metrics.json"
 
 
 def train_twin_router(output_url: str, data_url: str, *, epochs: int = 20, seed: int = 0, lr: float = 1e-3,
                       batch_size: int = 32, val_fraction: float = 0.1, test_fraction: float = 0.1,
                       storage_options: dict | None = None) -> dict:
     """Train the router on features of the shared model for labelled inputs (JSONL: text, task =
-    an expert name); writes router/router.safetensors, router_config.json and metrics.json. The test
+    an expert name); writes router/router.safetensors, router_config.json and, last, metrics.json
+    (also the record binding them to this run: workers/attachments.py). The test
     split is only evaluated, after the checkpoint was chosen on the validation split."""
     import transformers
 
@@ -53,7 +52,9 @@ def train_twin_router(output_url: str, data_url: str, *, epochs: int = 20, seed:
                "split": {k: len(v) for k, v in parts.items()}, "dropped_texts": len(split.dropped),
                "tasks": experts, "run_id": manifest.run_id}
     output = Location(output_url, storage_options or {})
-    for name, data in {**router_files(router),
-                       ROUTER_METRICS: (json.dumps(metrics, indent=2) + "\n").encode()}.items():
+    files = router_files(router)
+    for name, data in files.items():
         output.put(f"{ROUTER_DIR}/{name}", data)
+    metrics = {**metrics, **attachment_record(files, manifest.run_id)}  # the record binding them to this run
+    output.put(ROUTER_RECORD, (json.dumps(metrics, indent=2) + "\n").encode())  # last
     return metrics

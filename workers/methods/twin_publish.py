@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from workers.attachments import ROUTER_DIR
 from workers.kernels.peft_export import COVERAGE_OMITTED, export_lora_adapter, lora_coverage
 from workers.methods.base import Published
 from workers.methods.twin_shard import FactorRecord
@@ -28,7 +29,6 @@ LOG = logging.getLogger(__name__)
 
 SHARED_DIR = "shared"
 EXPERTS_DIR = "experts"
-ROUTER_DIR = "router"
 FACTOR_INDEX = "factors.safetensors.index.json"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
