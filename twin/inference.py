@@ -84,13 +84,29 @@ class _TwinLayer(nn.Module):
         super().__init__()
         self.base = base
         self._current = current
+        self._shaped: tuple[tuple, torch.Tensor] | None = None  # (key, weights) kept for the decoding steps
+        self._derived: dict[str, torch.Tensor] = {}  # values computed from the shaped weights, kept with them
 
     def _weights(self, x: torch.Tensor, batch_dims: int) -> torch.Tensor | None:
         """Current weights shaped (batch, 1, …, 1, T) to broadcast over ``x``'s leading dims; an
-        activation shared by the whole batch (batch dim 1, e.g. position embeddings) broadcasts too."""
+        activation shared by the whole batch (batch dim 1, e.g. position embeddings) broadcasts too.
+        The same tensor is returned until the weights or the activation's layout change."""
         w = self._current.value
         if w is None:
             return None
+        key = (self._current.version, x.shape[0], batch_dims, x.dtype, x.device)
+        if self._shaped is None or self._shaped[0] != key:
+            self._shaped, self._derived = (key, self._shape_weights(w, x, batch_dims)), {}
+        return self._shaped[1]
+
+    def _derived_from(self, name: str, compute: Callable[[], object]):
+        """``compute()``, a function of the current shaped weights, computed once per weights: every
+        decoding step of a generate call reuses it."""
+        if name not in self._derived:
+            self._derived[name] = compute()
+        return self._derived[name]
+
+    def _shape_weights(self, w: torch.Tensor, x: torch.Tensor, batch_dims: int) -> torch.Tensor:
         if self._current.expand and x.shape[0] != w.shape[0] and x.shape[0] % w.shape[0] == 0:
             w = w.repeat_interleave(x.shape[0] // w.shape[0], dim=0)  # generate's beams / returned sequences
         if w.shape[0] != x.shape[0] and 1 not in (w.shape[0], x.shape[0]):  # batch-1 activations broadcast
@@ -151,9 +167,9 @@ class TwinLinear(_FactoredLayer):
             return y
         A, B, rank_expert = self._factors()
         if rank_expert.numel():
-            y = y + ((x @ A.mT) * w[..., rank_expert]) @ B.mT
+            y = y + ((x @ A.mT) * self._derived_from("columns", lambda: w[..., rank_expert])) @ B.mT
         if self.bias_deltas is not None:
-            y = y + w @ self.bias_deltas
+            y = y + self._derived_from("bias", lambda: w @ self.bias_deltas)
         return y
 
 
@@ -177,9 +193,9 @@ class TwinConv1D(_FactoredLayer):
             return y
         A, B, rank_expert = self._factors()
         if rank_expert.numel():
-            y = y + ((x @ B) * w[..., rank_expert]) @ A
+            y = y + ((x @ B) * self._derived_from("columns", lambda: w[..., rank_expert])) @ A
         if self.bias_deltas is not None:
-            y = y + w @ self.bias_deltas
+            y = y + self._derived_from("bias", lambda: w @ self.bias_deltas)
         return y
 
 
@@ -202,7 +218,7 @@ class TwinEmbedding(_FactoredLayer):
         A, B, rank_expert = self._factors()
         if not rank_expert.numel():
             return y
-        return y + (F.embedding(ids, B) * w[..., rank_expert]) @ A
+        return y + (F.embedding(ids, B) * self._derived_from("columns", lambda: w[..., rank_expert])) @ A
 
 
 class TwinLayerNorm(_TwinLayer):
@@ -225,12 +241,17 @@ class TwinLayerNorm(_TwinLayer):
         w = self._weights(x, x.dim() - 1)
         if w is None:
             return self.base(x)
+        gamma, beta = self._derived_from("affine", lambda: self._affine(w))
+        y = F.layer_norm(x, self.base.normalized_shape, None, None, self.base.eps) * gamma
+        return y if beta is None else y + beta
+
+    def _affine(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The per-sample (γ, β)."""
         gamma = self.base.weight if self.weight_deltas is None else self.base.weight + w @ self.weight_deltas
         beta = self.base.bias
         if self.bias_deltas is not None:
             beta = (0 if beta is None else beta) + w @ self.bias_deltas
-        y = F.layer_norm(x, self.base.normalized_shape, None, None, self.base.eps) * gamma
-        return y if beta is None else y + beta
+        return gamma, beta
 
 
 RMS_FORMS = ("scale", "offset")  # y = γ ⊙ n(x) (Llama, Mistral, Qwen, nn.RMSNorm); y = (1 + γ) ⊙ n(x) (Gemma)
@@ -284,7 +305,8 @@ class TwinRMSNorm(_TwinLayer):
         w = self._weights(x, x.dim() - 1)
         if w is None:
             return self.base(x)
-        return rms_norm(x, self.base.weight + w @ self.weight_deltas, self.eps, self.form)
+        gamma = self._derived_from("gamma", lambda: self.base.weight + w @ self.weight_deltas)
+        return rms_norm(x, gamma, self.eps, self.form)
 
 
 class TwinModel(nn.Module):
