@@ -222,7 +222,9 @@ def commit_manifest(plan: ShardPlan, config: MergeConfig, rows: list[dict], file
         timings={**timings, "stages": stage_sums,
                  "shards": [{"index": r.index, "seconds": round(r.timings.get("total", 0.0), 4), "device": r.device,
                              "planned_bytes": r.planned_bytes, "peak_rss_anon": r.peak_rss_anon,
-                             "start_rss_anon": r.start_rss_anon} for r in results]},
+                             "start_rss_anon": r.start_rss_anon, "started_at": round(r.started_at, 3),
+                             "first_tensor_at": round(r.first_tensor_at, 3), "finished_at": round(r.finished_at, 3)}
+                            for r in results]},
         extra={"ignored_tensors": list(plan.ignored_tensors), **(extra or {})},
     )
     write_manifest(plan.output, manifest, parquet)
@@ -272,7 +274,7 @@ def run_prepass(plan: ShardPlan, run_id: str, *, progress: bool) -> tuple[tuple[
 def run_merge(config: MergeConfig, *, output_url: str | None = None, address: str | None = None,
               storage_options: dict | None = None, overwrite: bool = False, progress: bool = True) -> Manifest:
     """Plan, run the method's pre-pass and every shard on Ray, and publish. Returns the committed manifest."""
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), time.time()
     plan = build_plan(config, output_url=output_url, storage_options=storage_options)
     t_plan = time.perf_counter() - t0
     state = prepare_output(plan, overwrite=overwrite)
@@ -280,6 +282,7 @@ def run_merge(config: MergeConfig, *, output_url: str | None = None, address: st
         LOG.warning("%s already holds this run (%s); nothing to do", plan.output_url, state.complete.run_id)
         return state.complete
     connect_ray(address)
+    ray_ready_at = time.time()
     LOG.info("plan %s: %s, %d tensors in %d shards (%d already done), %.2f GB in", plan.plan_hash[:12],
              plan.method.method, len(plan.tensors), len(plan.shards), len(state.done), plan.input_bytes / 1e9)
     t1 = time.perf_counter()
@@ -289,7 +292,9 @@ def run_merge(config: MergeConfig, *, output_url: str | None = None, address: st
         shards = tuple(dataclasses.replace(s, run_id=state.run_id) for s in shards)
         results = run_missing_shards(shards, state.done, progress=progress)
         timings = {"plan": round(t_plan, 4), **prepass_timings, "resumed_shards": len(state.done),
-                   "run": round(time.perf_counter() - t1, 4)}
+                   "run": round(time.perf_counter() - t1, 4),
+                   "wall_clock": {"started": round(started_at, 3), "ray_ready": round(ray_ready_at, 3),
+                                  "shards_done": round(time.time(), 3)}}  # Unix seconds
         manifest = publish(plan, results, config, timings, prepared.result(), extra, state.run_id)
     markers.clear_state(plan.output)  # the manifest is the record from now on
     LOG.info("published %s (run %s)", plan.output_url, manifest.run_id)

@@ -55,6 +55,9 @@ class ShardResult:
     extra_files: tuple[WrittenFile, ...] = ()  # the method's other outputs of this shard (Twin: factor files)
     records: tuple[dict[str, Any], ...] = ()  # the method's per-tensor records (Twin: rank, error, bytes)
     input_sha256: tuple[tuple[str, int, str], ...] = ()  # (input file URL, data start, sha256) of each tensor read whole
+    started_at: float = 0.0  # wall clock (Unix seconds) when the task began
+    first_tensor_at: float = 0.0  # ... when its first tensor was written (0: it has none)
+    finished_at: float = 0.0  # ... when it ended
 
     def files(self) -> list[tuple[str, int]]:
         """(name relative to the output root, size) of every file the shard wrote."""

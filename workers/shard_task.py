@@ -45,7 +45,7 @@ def _merge_inputs(ctx: ShardContext, spec: ShardSpec, task: TensorTask, parity: 
 
 def run_shard(spec: ShardSpec) -> ShardResult:
     """Read, merge and write every tensor of one shard; returns its result (no tensors)."""
-    t_start = time.perf_counter()
+    t_start, started_at, first_tensor_at = time.perf_counter(), time.time(), 0.0
     device, timer = pick_device(), Timer()
     body = method_of(spec.method).shard_body(spec)
     reader = body.wrap_reader(RangeReader(spec.storage_options, checksums=spec.input_checksums))
@@ -65,6 +65,7 @@ def run_shard(spec: ShardSpec) -> ShardResult:
                 if task.name in following:  # read the next merged tensor while this one computes
                     inputs[following[task.name]].prefetch()
                 body.tensor(ctx, task, inputs.pop(task.name), writer)
+                first_tensor_at = first_tensor_at or time.time()
             with timer.track("write"):
                 file_sha = writer.close()
                 extra_files, records = body.finish()
@@ -80,7 +81,8 @@ def run_shard(spec: ShardSpec) -> ShardResult:
     return ShardResult(spec.index, spec.file_name, file_sha, writer.bytes_written, tuple(writer.results),
                        reader.bytes_read, dict(timer.seconds), str(device), memory.peak, memory.start,
                        spec.memory_bytes, extra_files, records,
-                       tuple((url, start, sha) for (url, start), sha in sorted(reader.read_sha256.items())))
+                       tuple((url, start, sha) for (url, start), sha in sorted(reader.read_sha256.items())),
+                       started_at, first_tensor_at, time.time())
 
 
 def run_scan(spec: ShardSpec, scan: Scan) -> ScanResult:
