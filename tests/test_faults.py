@@ -169,3 +169,34 @@ def _session_processes(marker: str) -> dict[int, str]:
         if marker.encode() in cmdline or marker.encode() in environ:
             found[int(pid)] = cmdline.replace(b"\0", b" ").decode(errors="replace")[:120]
     return found
+
+
+def test_the_command_exits_without_waiting_for_ray_and_leaves_nothing(tmp_path):
+    """`mergefleet run` with an embedded Ray exits as soon as the manifest is committed (no wait for
+    Ray's shutdown); the output verifies and the watchdog reaps the Ray processes within seconds."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import yaml
+
+    from manifests.verify import verify_output
+
+    base, experts, *_ = make_models(tmp_path / "in")
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(_ties(base, experts, tmp_path / "out", shards=2)))
+    ray_tmp = tempfile.mkdtemp(prefix="mfexit", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(path), "--no-progress"], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert verify_output(str(tmp_path / "out")) == []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _session_processes(ray_tmp):
+            time.sleep(0.5)
+        assert _session_processes(ray_tmp) == {}
+    finally:
+        _kill_session_processes(ray_tmp)
