@@ -7,7 +7,7 @@ A Llama-shaped base (random weights) and ``--experts`` perturbed copies are merg
 with random weights mixes every expert per prompt (router mode: every factor column is computed).
 Both models generate ``--new-tokens`` greedy tokens for one batch of ``--batch`` left-padded prompts
 of mixed lengths (no EOS, so every sample runs to the end), best of ``--repeat`` runs each,
-alternating. Reported: tokens/s of each and their ratio (goal: twin ≥ 0.6× shared).
+alternating, after one warm-up run of each. Reported: tokens/s of each and their ratio (goal: twin ≥ 0.6× shared).
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def main() -> int:
         twin = TwinModel(model, factors, dense, router=Router(hidden, tasks))
         inputs = prompts(args)
         rates = {"shared": [], "twin": []}
+        tokens_per_s(shared.generate, inputs, args), tokens_per_s(twin.generate, inputs, args)  # warm-up, not counted
         for _ in range(args.repeat):
             rates["shared"].append(tokens_per_s(shared.generate, inputs, args))
             rates["twin"].append(tokens_per_s(twin.generate, inputs, args))
