@@ -70,15 +70,16 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
-def merge(method: str, parameters: dict, experts: dict[str, Path], output: Path) -> dict:
-    """One merge through the pipeline (embedded Ray); returns the manifest's timings."""
+def merge(method: str, parameters: dict, experts: dict[str, Path], output: Path, base: Path | None = None) -> dict:
+    """One merge through the pipeline (embedded Ray); returns the manifest's timings. ``base``: the
+    base model's directory (default MiniLM's, ``base_dir()``)."""
     from pipeline.config import load_config
     from pipeline.coordinator import run_merge
 
     config = {"merge_method": method, "models": [{"model": str(path)} for path in experts.values()],
               "parameters": parameters, "dtype": "float32", "output": str(output)}
     if method != "linear":  # linear averages the experts (mergekit: no base model)
-        config["base_model"] = str(base_dir())
+        config["base_model"] = str(base or base_dir())
     t0 = time.perf_counter()
     manifest = run_merge(load_config(config), progress=False, overwrite=True)
     return {"wall_s": round(time.perf_counter() - t0, 3), "run_id": manifest.run_id}
@@ -95,21 +96,29 @@ def candidates(grid: Grid) -> list[tuple[str, str, dict]]:
 
 
 def run_merges(experts: dict[str, Path], scorer: Scorer, work: Path, grid: Grid,
-               only: tuple[str, ...] | None = None) -> dict[str, dict]:
+               only: tuple[str, ...] | None = None, *, base: Path | None = None,
+               load=load_encoder, tiebreak=None) -> dict[str, dict]:
     """Every candidate merged and scored on validation; per row the best one scored on test.
-    ``only``: the rows to run (default all: average, task_arithmetic, ties_tensor, ties_global)."""
+    ``only``: the rows to run (default all: average, task_arithmetic, ties_tensor, ties_global).
+    ``base`` and ``load`` (directory -> model) default to MiniLM; ``scorer`` is anything with
+    ``correct(model, split) -> {task: [1/0, ...]}`` (bench/quality_generative passes its own), and
+    ``tiebreak()``, when given, a number about the validation call just made that breaks ties of the
+    mean validation accuracy (higher wins; the first candidate wins otherwise)."""
     rows: dict[str, dict] = {}
     for row, method, params in candidates(grid):
         if only is not None and row not in only:
             continue
         output = work / f"{row}_{_tag(params)}"
-        timing = merge(method, params, experts, output)
-        encoder = load_encoder(output)
+        timing = merge(method, params, experts, output, base)
+        encoder = load(output)
         val = accuracies(scorer.correct(encoder, "val"))
         entry = {"parameters": params, "val": val, "val_mean": mean(val.values()), **timing}
-        LOG.info("%s %s: val %.4f (%.1f s)", row, params, entry["val_mean"], timing["wall_s"])
+        if tiebreak is not None:
+            entry["val_tiebreak"] = tiebreak()
+        LOG.info("%s %s: val %.4f%s (%.1f s)", row, params, entry["val_mean"],
+                 f" (tie-break {entry['val_tiebreak']:.4f})" if tiebreak is not None else "", timing["wall_s"])
         best = rows.get(row)
-        if best is None or entry["val_mean"] > best["val_mean"]:
+        if best is None or _rank(entry) > _rank(best):
             if best is not None:
                 shutil.rmtree(best["output"], ignore_errors=True)
             rows[row] = {**entry, "output": output, "encoder": encoder, "grid": (best or {}).get("grid", []) + [entry]}
@@ -121,8 +130,14 @@ def run_merges(experts: dict[str, Path], scorer: Scorer, work: Path, grid: Grid,
         best["test"] = accuracies(best["test_correct"])
         best["stored_bytes"] = dir_bytes(best["output"])
         best["output"] = str(best["output"])
-        best["grid"] = [{k: v for k, v in e.items() if k in ("parameters", "val_mean", "wall_s")} for e in best["grid"]]
+        best["grid"] = [{k: v for k, v in e.items() if k in ("parameters", "val_mean", "val_tiebreak", "wall_s")}
+                        for e in best["grid"]]
     return rows
+
+
+def _rank(entry: dict) -> tuple[float, float]:
+    """Order of two validation entries: mean accuracy, then the tie-break (0 when none)."""
+    return entry["val_mean"], entry.get("val_tiebreak", 0.0)
 
 
 def run_twin(experts: dict[str, Path], tasks: dict[str, TaskData], scorer: Scorer, work: Path, grid: Grid, seed: int) -> dict[str, dict]:

@@ -30,11 +30,13 @@ COMPARISONS = [  # (a, b): is a better than b?
 ]
 
 
-def summarize(seeds: list[dict]) -> dict:
-    """Per row: per-task and average accuracy and normalized accuracy, mean and std over seeds."""
+def summarize(seeds: list[dict], rows: list[tuple[str, str]] = ROWS,
+              comparisons: list[tuple[str, str]] = COMPARISONS) -> dict:
+    """Per row: per-task and average accuracy and normalized accuracy, mean and std over seeds.
+    ``rows`` (key, label) and ``comparisons`` (a, b) default to this benchmark's."""
     tasks = list(seeds[0]["rows"]["expert"]["test"])
     summary = {"tasks": tasks, "seeds": [s["seed"] for s in seeds], "rows": {}}
-    for key, label in ROWS:
+    for key, label in rows:
         present = [s for s in seeds if key in s["rows"]]
         if not present:
             continue
@@ -53,7 +55,7 @@ def summarize(seeds: list[dict]) -> dict:
     if routers:
         summary["router_accuracy"] = {t: _stats([r[t] for r in routers]) for t in tasks}
         summary["router_accuracy"]["avg"] = _stats([_mean(r[t] for t in tasks) for r in routers])
-    summary["comparisons"] = [c for c in (paired_bootstrap(seeds, a, b) for a, b in COMPARISONS) if c]
+    summary["comparisons"] = [c for c in (paired_bootstrap(seeds, a, b) for a, b in comparisons) if c]
     return summary
 
 
@@ -115,7 +117,7 @@ def _params(p) -> str:
 
 def _mean(values) -> float:
     values = list(values)
-    return sum(values) / len(values)
+    return sum(values) / len(values) if values else float("nan")  # nan: e.g. no expert scored above 0
 
 
 def _stats(values: list[float]) -> dict:
