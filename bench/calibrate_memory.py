@@ -74,7 +74,7 @@ def measure(method: str, models: list[Path]) -> dict:
     elements = task.shape[0] * task.shape[1]
     measured = (result.peak_rss_anon - result.start_rss_anon) / elements
     model = get_method(config.merge_method).bytes_per_element(task)
-    return {"method": method, "compiled": os.environ.get("MERGEFLEET_COMPILE", "1") != "0",
+    return {"method": method, "compiled": spec.compile_kernels,
             "inputs": len(task.inputs), "measured_bytes_per_element": round(measured, 1),
             "model_bytes_per_element": model, "ratio": round(measured / model, 3),
             "start_rss_anon_mb": result.start_rss_anon >> 20}
@@ -100,7 +100,7 @@ def main() -> int:
     methods = args.methods or list(MERGEKIT_METHODS)
     over = 0
     for mode in args.modes:
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MERGEFLEET_COMPILE": "1" if mode == "compiled" else "0"}
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MERGEFLEET_COMPILE": "always" if mode == "compiled" else "0"}
         for method in methods:
             child = subprocess.run([sys.executable, __file__, "--one", method, "--experts", str(args.experts),
                                     "--rows", str(args.rows), "--cols", str(args.cols), "--workdir", args.workdir],

@@ -130,7 +130,8 @@ def run_mergekit(name: str, base: Path, experts: list[Path], out: Path, mergekit
 
 
 def run_one(name: str, base: Path, experts: list[Path], out: Path, args) -> dict:
-    config = {**merge_yaml(name, base, experts), "output": str(out), "memory_budget": args.memory_budget}
+    config = {**merge_yaml(name, base, experts), "output": str(out), "memory_budget": args.memory_budget,
+              "diagnostics": not args.no_diagnostics}
     if args.shards:
         config["shards"] = args.shards
     config = load_config(config)
@@ -148,14 +149,13 @@ def run_one(name: str, base: Path, experts: list[Path], out: Path, args) -> dict
     return {"tool": "mergefleet", "method": name, "wall_s": round(wall, 3), "peak_rss_anon_gb": most("peak_rss_anon"),
             "planned_gb": most("planned_bytes"), "start_rss_anon_gb": most("start_rss_anon"),
             "tasks_over_plan": sum((s.get("peak_rss_anon") or 0) > s.get("planned_bytes", 0) for s in shards),
-            # the tensors' part: growth during the task against the plan less process_reserve (a worker
-            # reused by the bench's earlier methods starts above the reserve with their kernels loaded)
-            "tasks_tensors_over_plan": sum((s.get("peak_rss_anon") or 0) - (s.get("start_rss_anon") or 0)
-                                           > s.get("planned_bytes", 0) - config.process_reserve_bytes for s in shards),
             "input_gb": round(input_bytes / 1e9, 3),
             "input_gb_per_s": round(input_bytes / 1e9 / wall, 3),
             "bytes_read_gb": round((manifest.bytes_read + manifest.extra.get("global_trim", {}).get("scan_bytes_read", 0)) / 1e9, 3),
             "stages_s": manifest.timings["stages"], "prepass_s": manifest.timings.get("prepass"),
+            # the per-tensor diagnostics' share of the tasks' time (docs/diagnostics.md)
+            "diagnostics_share": round(manifest.timings["stages"].get("diagnostics", 0.0)
+                                       / max(1e-9, sum(s["seconds"] for s in shards)), 4),
             "shards": len(shards)}
 
 
@@ -210,6 +210,7 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=None)
     parser.add_argument("--memory-budget", default="4GB")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method (the fastest is reported)")
+    parser.add_argument("--no-diagnostics", action="store_true", help="merge with `diagnostics: false` (to compare)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "mergefleet-bench"))
     parser.add_argument("--as-typed", action="store_true",
                         help="also time `mergefleet run CONFIG OUT` in a fresh process per method, with the fixed "

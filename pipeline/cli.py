@@ -1,4 +1,4 @@
-"""mergefleet command line: run | plan | verify | status | demo | twin (train-router, predict, generate).
+"""mergefleet command line: run | plan | verify | status | report | demo | twin (train-router, predict, generate).
 
 Exit status: 0 success; 1 `verify` found problems; 2 the command could not run (bad config or
 arguments, storage / credential errors, a missing output, any other error: one line
@@ -126,6 +126,23 @@ def _cmd_verify(args) -> int:
         print(f"FAIL {p}")
     print("OK" if not problems else f"{len(problems)} problem(s)")
     return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+def _cmd_report(args) -> int:
+    from pipeline.report import figures, render_html, report_summary
+
+    storage_options = _storage_options(args)  # a bad --config fails here, with its own message
+    try:
+        summary = report_summary(args.output, storage_options=storage_options)
+    except Exception as exc:
+        raise _cannot_run(args.output, exc) from exc
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    plots = figures(summary)
+    Path(args.out).write_text(render_html(summary, plots), encoding="utf-8")
+    print(f"{args.out}: {len(plots)} plots ({', '.join(name for name, _, _ in plots)})")
+    return EXIT_OK
 
 
 def demo_workdir(output: str | Path, workdir: str | Path | None = None) -> Path:
@@ -262,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("output", help="output URL of a run")
     _add_storage_arguments(status)
     status.set_defaults(func=_cmd_status)
+    report = sub.add_parser(
+        "report", help="the run's merge diagnostics and timings as one self-contained HTML page (or --json)",
+        description="Plot a published run's per-tensor merge diagnostics (per layer and module), the experts' "
+                    "cosines, global-trim thresholds, Twin errors and storage, and each shard's timeline and "
+                    "memory, from its manifest alone, into one HTML page with the images inline.",
+        epilog="exit status:\n  0  written (or printed)\n"
+               "  2  report could not run: no manifest, storage or credential error, bad --config / --storage-option",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_argument("output", help="output URL of a run")
+    report.add_argument("--out", default="report.html", help="the HTML file to write (default report.html)")
+    report.add_argument("--json", action="store_true", help="print the summary as JSON instead")
+    _add_storage_arguments(report)
+    report.set_defaults(func=_cmd_report)
     demo = sub.add_parser("demo", help="build sample experts and TIES-merge them on embedded Ray (--twin: Twin-merge, "
                                         "train the router and predict)",
                           description="Build a small Llama-shaped base and 3 experts (seed 0) in WORKDIR/models "

@@ -153,6 +153,8 @@ class MergeConfig(_Frozen):
     process_reserve: Union[int, str] = DEFAULT_PROCESS_RESERVE  # part of memory_budget the worker process itself holds
     nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in a merged input: fail naming it, or merge anyway
     input_checksums: bool = True  # sha256 each input tensor as it is read, into the manifest (~1 core-second per GB read)
+    diagnostics: bool = Field(default=True, exclude=True)  # per-tensor merge diagnostics in the manifest
+    #   (docs/diagnostics.md); changes no output byte, so it is not part of the config hash
     parameter_settings: dict[str, dict[str, Any]] = Field(default_factory=dict, exclude=True)  # gradients / filters
     #   as given, by scope ("parameters", "models.<i>"); `parameters` holds their value outside the layers
     storage: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)  # fsspec storage options (endpoint_url, key, secret, client_kwargs, ...) over the environment's (AWS_*, FSSPEC_S3_*); never dumped, hashed or logged

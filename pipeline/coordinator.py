@@ -32,6 +32,7 @@ from pipeline.ray_tasks import MergeShard, ScanShard, submit
 from pipeline.resume import check_claim, prepare_output
 from pipeline.settings import with_config_values
 from pipeline.tokenizer import TOKENIZER_FILES, with_chat_template
+from workers import diagnostics
 from workers.methods import method_of
 from workers.publishing import put_file, tensor_rows, write_index
 from workers.results import ShardResult
@@ -173,9 +174,19 @@ def shard_rows(plan: ShardPlan, results: list[ShardResult]) -> tuple[list[dict],
     for result in results:
         files.append(OutputFile(name=result.file_name, size=result.file_size, sha256=result.file_sha256))
         copied = {x.name for x in plan.shards[result.index].tensors if x.action == "copy"}
+        found = {d["name"]: d for d in result.diagnostics}
         for t in result.tensors:
-            rows += tensor_rows(result.file_name, [t], "copy" if t.name in copied else plan.method.tensor_method)
+            rows += [{**row, **diagnostics.table_columns(found.get(t.name))} for row in
+                     tensor_rows(result.file_name, [t], "copy" if t.name in copied else plan.method.tensor_method)]
     return rows, files
+
+
+def diagnostics_summary(plan: ShardPlan, results: list[ShardResult]) -> dict:
+    """manifest.json's ``extra.diagnostics`` (tied copies counted once); empty when there are none."""
+    tied = {t.name for t in plan.tensors if t.tied_to is not None}
+    records = [d for r in results for d in r.diagnostics if d["name"] not in tied]
+    experts = [i.url for i in plan.inputs if i.role == "expert"]
+    return {"diagnostics": diagnostics.summary(records, experts)} if records else {}
 
 
 def input_records(plan: ShardPlan, results: list[ShardResult]) -> list[dict]:
@@ -249,7 +260,7 @@ def publish(plan: ShardPlan, results: list[ShardResult], config: MergeConfig, ti
     timings = {**timings, "publish": round(time.perf_counter() - t0, 4)}
     check_claim(plan.output, run_id)
     return commit_manifest(plan, config, rows + published.rows, files + published.files, results, timings,
-                           extra={**extra, **published.extra})
+                           extra={**extra, **diagnostics_summary(plan, results), **published.extra})
 
 
 def run_prepass(plan: ShardPlan, run_id: str, *, progress: bool) -> tuple[tuple[ShardSpec, ...], dict, dict]:

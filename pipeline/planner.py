@@ -202,14 +202,15 @@ def build_plan(config: MergeConfig, *, output_url: str | None = None, storage_op
     sizes = [_tensor_bytes(t) for t in tasks]
     groups = shard_groups(sizes, _shard_count(config.shards, sum(sizes), len(tasks)))
     prefix = f"{method.output_dir}/" if method.output_dir else ""
-    compile_kernels = compile_from_environment()
+    compile_choice = compile_from_environment()
     specs = tuple(
         ShardSpec(i, len(groups), f"{prefix}model-{i + 1:05d}-of-{len(groups):05d}.safetensors", output,
                   tuple(tasks[j] for j in group), options, nan_policy=config.nan_policy,
                   memory_bytes=config.process_reserve_bytes + max(
                       method.tensor_memory(tasks[j], options, config.chunk_budget_bytes) for j in group),
-                  chunk_budget=config.chunk_budget_bytes, compile_kernels=compile_kernels,
-                  input_checksums=config.input_checksums)
+                  chunk_budget=config.chunk_budget_bytes,
+                  compile_kernels=compile_choice,
+                  input_checksums=config.input_checksums, diagnostics=config.diagnostics)
         for i, group in enumerate(groups)
     )
     plan_hash = hashlib.sha256(json.dumps(

@@ -91,3 +91,38 @@ def test_random_keep_mask_compiled_equals_eager():
     probability = torch.tensor(0.3, dtype=torch.float64)
     assert torch.equal(keep_mask(key, index, probability), Compiler().run(keep_mask, key, index, probability,
                                                                           numel=index.numel()))
+
+
+def test_a_task_compiles_only_where_it_pays(tmp_path, monkeypatch):
+    from workers.compiled import COMPILE_MIN_TASK_ELEMENTS, compiles
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # an empty cache: cold
+    cold, warm = COMPILE_MIN_TASK_ELEMENTS["cold"], COMPILE_MIN_TASK_ELEMENTS["warm"]
+    assert not compiles("where_it_pays", cold - 1) and compiles("where_it_pays", cold)
+    (tmp_path / "fxgraph" / "ab").mkdir(parents=True)  # a node whose workers compiled before
+    assert not compiles("where_it_pays", warm - 1) and compiles("where_it_pays", warm)
+    assert compiles("always", 0) and not compiles("never", 10 * cold)
+
+
+def test_diagnostics_kernels_compiled_equal_eager(chunk):
+    """The diagnostics (workers/diagnostics.py): a merge kernel's counted form writes the same bytes
+    as the plain one, and its counts and the row sums are the same bits compiled as eager."""
+    from workers.diagnostics import counted_into
+    from workers.kernels.diagnostics import grid_bits, row_gram
+
+    base, experts = chunk
+    weights, lam = torch.tensor([1.0, 0.5, -2.0]), torch.tensor(0.7)
+    ties_args = (torch.tensor([0.004, 0.006, 0.0]), torch.tensor([ties.ALL_TIES, 1000, -1]), weights, lam,
+                 torch.tensor(1.0))
+    for kernel, args, kwargs in [
+            (ties.ties_merge, ties_args, {"sign_by_count": True, "normalize": True, "out_dtype": torch.bfloat16}),
+            (linear.task_arithmetic_merge, (weights, lam, torch.tensor(3.5)), {"out_dtype": torch.bfloat16})]:
+        plain = Compiler().run(kernel, base, experts, *args, numel=experts.numel(), **kwargs)
+        outs = [torch.empty_like(plain), torch.empty_like(plain)]
+        eager = counted_into(kernel)(outs[0], base, experts, *args, **kwargs)
+        fused = Compiler().run(counted_into(kernel), outs[1], base, experts, *args, numel=experts.numel(), **kwargs)
+        assert torch.equal(eager, fused) and torch.equal(outs[0], plain) and torch.equal(outs[1], plain)
+    rows, p = 1, base.numel()
+    eager, fused = _both(row_gram, base.view(rows, p), experts.view(3, rows, p), plain.view(rows, p), grid_bits(p),
+                         numel=experts.numel())
+    assert torch.equal(eager, fused)

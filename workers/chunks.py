@@ -3,7 +3,8 @@
 ``ChunkReader`` reads row chunks of a tensor's inputs into reused buffers on the task's device
 (timing the read and the move); ``MergeInputs`` presents one merged tensor as its chunks of
 (base, experts), checking each for NaN / Inf the first time; ``ShardContext`` bundles the reader,
-the task's kernel ``Compiler`` and its timer for the method bodies.
+the task's kernel ``Compiler``, its timer and its diagnostics (workers/diagnostics.py) for the
+method bodies.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from workers.buffers import Buffers
 from workers.compiled import Compiler
+from workers.diagnostics import TensorProbe
 from workers.specs import TensorTask
 from workers.tensor_io import DTYPES, RangeReader, ShardWriter, TensorInfo, rows_of
 
@@ -94,10 +96,21 @@ class ChunkReader:
 
 @dataclass
 class ShardContext:
-    """What a shard's method body works with: the chunk reader (device, buffers, timer) and the compiler."""
+    """What a shard's method body works with: the chunk reader (device, buffers, timer), the
+    compiler, and the shard's diagnostics records (None: diagnostics are off)."""
 
     chunks: ChunkReader
     compiler: Compiler
+    diagnostics: list[dict] | None = None
+
+    def probe(self, task: TensorTask, n_experts: int, *, elects_sign: bool) -> TensorProbe | None:
+        """Where a task-vector merge puts one tensor's diagnostics (None when they are off)."""
+        return None if self.diagnostics is None else TensorProbe(self.diagnostics, task, n_experts, elects_sign)
+
+    def record(self, record: dict) -> None:
+        """Add one tensor's diagnostics record (when diagnostics are on)."""
+        if self.diagnostics is not None:
+            self.diagnostics.append(record)
 
     @property
     def device(self) -> torch.device:

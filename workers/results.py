@@ -39,7 +39,8 @@ class WrittenFile:
 @dataclass(frozen=True)
 class ShardResult:
     """What a finished shard reports: its file, each tensor's location and sha256, the files its
-    method wrote beside it, per-tensor records of the method, and where time and memory went."""
+    method wrote beside it, per-tensor records of the method and diagnostics of the merge, and
+    where time and memory went."""
 
     index: int
     file_name: str  # relative to the output root
@@ -58,6 +59,7 @@ class ShardResult:
     started_at: float = 0.0  # wall clock (Unix seconds) when the task began
     first_tensor_at: float = 0.0  # ... when its first tensor was written (0: it has none)
     finished_at: float = 0.0  # ... when it ended
+    diagnostics: tuple[dict[str, Any], ...] = ()  # per merged tensor, its diagnostics (workers/diagnostics.py)
 
     def files(self) -> list[tuple[str, int]]:
         """(name relative to the output root, size) of every file the shard wrote."""
@@ -72,6 +74,7 @@ class ShardResult:
                       "extra_files": tuple(WrittenFile(**{**f, "tensors": _tensors(f["tensors"])})
                                            for f in data.get("extra_files", ())),
                       "records": tuple(data.get("records", ())),
+                      "diagnostics": tuple(data.get("diagnostics", ())),
                       "input_sha256": tuple(tuple(x) for x in data.get("input_sha256", ()))})
 
 

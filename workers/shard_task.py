@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from workers.chunks import ChunkReader, MergeInputs, ShardContext, Timer, copy_tensor
-from workers.compiled import Compiler
+from workers.compiled import Compiler, compiles
 from workers.memory import PeakAnonMemory
 from workers.methods import method_of
 from workers.results import ScanResult, ShardResult
@@ -50,7 +50,8 @@ def run_shard(spec: ShardSpec) -> ShardResult:
     body = method_of(spec.method).shard_body(spec)
     reader = body.wrap_reader(RangeReader(spec.storage_options, checksums=spec.input_checksums))
     chunks = ChunkReader(reader, device, timer)
-    ctx = ShardContext(chunks, Compiler(spec.compile_kernels))
+    ctx = ShardContext(chunks, Compiler(compiles(spec.compile_kernels, spec.merged_elements)),
+                       [] if spec.diagnostics else None)
     writer = ShardWriter(spec.output.join(spec.file_name), [(t.name, t.out_dtype, t.shape) for t in spec.tensors],
                          storage_options=spec.storage_options)
     try:
@@ -82,7 +83,7 @@ def run_shard(spec: ShardSpec) -> ShardResult:
                        reader.bytes_read, dict(timer.seconds), str(device), memory.peak, memory.start,
                        spec.memory_bytes, extra_files, records,
                        tuple((url, start, sha) for (url, start), sha in sorted(reader.read_sha256.items())),
-                       started_at, first_tensor_at, time.time())
+                       started_at, first_tensor_at, time.time(), tuple(ctx.diagnostics or ()))
 
 
 def run_scan(spec: ShardSpec, scan: Scan) -> ScanResult:
@@ -91,7 +92,7 @@ def run_scan(spec: ShardSpec, scan: Scan) -> ScanResult:
     timer = Timer()
     reader = RangeReader(spec.storage_options)
     chunks = ChunkReader(reader, pick_device(), timer)
-    ctx = ShardContext(chunks, Compiler(spec.compile_kernels))
+    ctx = ShardContext(chunks, Compiler(compiles(spec.compile_kernels, spec.merged_elements)))
     totals = scan.initial()
     try:
         for task in spec.tensors:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,11 +40,17 @@ class ShardSpec:
     nan_policy: Literal["error", "allow"] = "error"  # NaN / Inf in an input: raise, or merge anyway
     memory_bytes: int = 0  # planned anonymous memory of the task's process (asked of Ray): reserve + largest chunk
     chunk_budget: int = 0  # bytes the task's tensors may hold at once (memory_budget less process_reserve)
-    compile_kernels: bool = True  # torch.compile large chunks (decided once, at the edge)
+    compile_kernels: str = "where_it_pays"  # torch.compile large chunks: never | always | where_it_pays (workers.compiled.compiles)
     input_checksums: bool = True  # sha256 every input tensor as it is read (the manifest's read_sha256)
+    diagnostics: bool = True  # per-tensor merge diagnostics into the result (workers/diagnostics.py)
     prepass: Any = None  # what the method's model-wide pre-pass found (TIES global trim: thresholds, zero sign)
     run_id: str = ""  # the run that holds the output's claim; a task whose run lost it writes nothing
 
     @property
     def storage_options(self) -> dict[str, Any]:
         return self.output.storage_options
+
+    @property
+    def merged_elements(self) -> int:
+        """Output elements the task merges (copies excluded)."""
+        return sum(math.prod(t.shape) for t in self.tensors if t.action == "merge")

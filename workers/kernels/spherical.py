@@ -112,14 +112,19 @@ def combine(terms: list[tuple[torch.Tensor, torch.Tensor]], base: torch.Tensor |
     return total.to(out_dtype)
 
 
-def slerp_coefficients(norm_sq_a: float, norm_sq_b: float, dot: float, t: float) -> tuple[float, float, bool]:
-    """mergekit 0.1.5 slerp of whole tensors a (t = 0) and b (t = 1): (c_a, c_b, linear) with
-    result = c_a·a + c_b·b. Norms ≤ 1e-8 are replaced by 1; cos = a·b / (‖a‖‖b‖) clamped to [−1, 1];
-    |cos| > 0.9995 (near-parallel or antipodal) falls back to the lerp (1 − t, t)."""
+def slerp_cosine(norm_sq_a: float, norm_sq_b: float, dot: float) -> float:
+    """mergekit 0.1.5 slerp's cos = a·b / (‖a‖‖b‖), norms ≤ 1e-8 replaced by 1, clamped to [−1, 1]."""
     na, nb = math.sqrt(norm_sq_a), math.sqrt(norm_sq_b)
     na = na if na > SLERP_NORM_EPS else 1.0
     nb = nb if nb > SLERP_NORM_EPS else 1.0
-    cos = min(1.0, max(-1.0, dot / na / nb))
+    return min(1.0, max(-1.0, dot / na / nb))
+
+
+def slerp_coefficients(norm_sq_a: float, norm_sq_b: float, dot: float, t: float) -> tuple[float, float, bool]:
+    """mergekit 0.1.5 slerp of whole tensors a (t = 0) and b (t = 1): (c_a, c_b, linear) with
+    result = c_a·a + c_b·b (cos from ``slerp_cosine``); |cos| > 0.9995 (near-parallel or
+    antipodal) falls back to the lerp (1 − t, t)."""
+    cos = slerp_cosine(norm_sq_a, norm_sq_b, dot)
     if abs(cos) > SLERP_DOT_THRESHOLD:
         return 1.0 - t, t, True
     theta = math.acos(cos)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from workers.kernels.diagnostics import vote_counts
 from workers.kernels.selection import TrimRule
 
 ALL_TIES = 1 << 62
@@ -25,17 +26,22 @@ def sum_in_order(terms):
     return total
 
 
-def trimmed_weighted(base, experts, thr, cut, weights) -> list:
-    """Per expert, w_t · trimmed τ_t as a flat float32 tensor (a list: one fused loop when compiled)."""
+def trimmed(base, experts, thr, cut) -> list:
+    """Per expert, the trimmed τ_t in float32, shaped as the chunk (a list: one fused loop when compiled)."""
     b = base.float()
-    index = torch.arange(b.shape[0], device=b.device)
-    weighted = []
+    index = torch.arange(b.numel(), device=b.device).view(b.shape)
+    kept = []
     for t in range(experts.shape[0]):
         tau = experts[t].float() - b
         magnitude = tau.abs()
         keep = (magnitude > thr[t]) | ((magnitude == thr[t]) & (index <= cut[t]))
-        weighted.append(torch.where(keep, tau, 0.0) * weights[t])
-    return weighted
+        kept.append(torch.where(keep, tau, 0.0))
+    return kept
+
+
+def trimmed_weighted(base, experts, thr, cut, weights) -> list:
+    """Per expert, w_t · trimmed τ_t."""
+    return [x * weights[t] for t, x in enumerate(trimmed(base, experts, thr, cut))]
 
 
 def vote(weighted: list, sign_by_count: bool):
@@ -43,19 +49,28 @@ def vote(weighted: list, sign_by_count: bool):
     return torch.sign(sum_in_order([torch.sign(x) for x in weighted] if sign_by_count else weighted))
 
 
-def ties_merge(base, experts, thr, cut, weights, lam, zero_sign, *, sign_by_count: bool, normalize: bool,
-               out_dtype: torch.dtype):
-    """θ₀ + λ·τ_m: the w·τ agreeing with γ summed (divided by their Σw when ``normalize``; 0 where
-    none agree), γ = 0 replaced by ``zero_sign``. Scalars come as 0-d float32 tensors."""
-    weighted = trimmed_weighted(base, experts, thr, cut, weights)
+def elect(base, experts, thr, cut, weights, zero_sign, sign_by_count: bool):
+    """(τ̂_t, w_t·τ̂_t, w_t·τ̂_t·γ) per expert, γ the elected sign with 0 replaced by ``zero_sign``."""
+    kept = trimmed(base, experts, thr, cut)
+    weighted = [x * weights[t] for t, x in enumerate(kept)]
     gamma = vote(weighted, sign_by_count)
     gamma = torch.where(gamma == 0, zero_sign, gamma)
-    agree = [x * gamma > 0 for x in weighted]
+    return kept, weighted, [x * gamma for x in weighted]
+
+
+def ties_merge(base, experts, thr, cut, weights, lam, zero_sign, *, sign_by_count: bool, normalize: bool,
+               out_dtype: torch.dtype, counted: bool = False):
+    """θ₀ + λ·τ_m: the w·τ agreeing with γ summed (divided by their Σw when ``normalize``; 0 where
+    none agree), γ = 0 replaced by ``zero_sign``. Scalars come as 0-d float32 tensors. ``counted``:
+    (θ, ``vote_counts`` of the chunk), for the diagnostics."""
+    kept, weighted, signed = elect(base, experts, thr, cut, weights, zero_sign, sign_by_count)
+    agree = [s > 0 for s in signed]
     merged = sum_in_order([torch.where(a, x, 0.0) for a, x in zip(agree, weighted)])
     if normalize:
         divisor = sum_in_order([torch.where(a, weights[t], 0.0) for t, a in enumerate(agree)])
         merged = merged / torch.where(divisor == 0, 1.0, divisor)
-    return (base.float() + lam * merged).to(out_dtype)
+    out = (base.float() + lam * merged).to(out_dtype)
+    return (out, vote_counts(kept, [s < 0 for s in signed], agree)) if counted else out
 
 
 def ties_vote_counts(base, experts, thr, cut, weights, *, sign_by_count: bool):

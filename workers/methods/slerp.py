@@ -211,8 +211,10 @@ class SlerpMethod(SphericalMethod):
         def per_row(base, experts, r, p):
             return norm_and_dot_rows(base.view(r, p).float().double(), experts[0].view(r, p).float().double())
 
-        sums = tensor_sums(ctx, inputs, per_row)
-        ca, cb, _ = spherical.slerp_coefficients(*(float(s) for s in sums.tolist()), options.t)
+        sums = [float(s) for s in tensor_sums(ctx, inputs, per_row).tolist()]
+        ca, cb, _ = spherical.slerp_coefficients(*sums, options.t)
+        ctx.record({"name": inputs.task.name, "elements": math.prod(inputs.task.shape),
+                    "slerp_angle": math.acos(spherical.slerp_cosine(*sums))})
         ca, cb = ctx.scalar(ca), ctx.scalar(cb)
         for rows in inputs.ranges:
             base, experts = inputs.load(rows)

@@ -22,6 +22,7 @@ import torch
 from pydantic import Field
 
 from workers.kernels import gta, random_masks
+from workers.kernels.diagnostics import vote_counts
 from workers.kernels.selection import TrimRule
 from workers.methods.base import ConfigError, MergeMethod, MethodParameters, Scalar, expert_models, first
 from workers.methods.task_arithmetic import TaskVectorOptions, expert_weights
@@ -118,6 +119,7 @@ class _BreadcrumbRules:
 
         def chunk_masks(base, experts, index) -> list[torch.Tensor]:
             keep_cut, drop_cut = keep.for_chunk(base, experts), drop.for_chunk(base, experts)
+            index = index - index[:1]  # the cuts are flat indices inside the chunk
             result = []
             for t in range(experts.shape[0]):
                 magnitude = (experts[t].float() - base.float()).abs()
@@ -236,21 +238,31 @@ class SparseTaskArithmetic(MergeMethod):
             rules = _BreadcrumbRules.find(ctx, inputs, options)
         scales = self._scales(ctx, inputs, options, rules) if options.rescale and any(sparse) else [1.0] * len(sparse)
         cuts = rules.masks(ctx) if rules is not None else None
+        probe = ctx.probe(inputs.task, len(options.weights), elects_sign=options.consensus is not None)
         for rows in inputs.ranges:
             base, experts = inputs.load(rows)
             with ctx.timer.track("kernel"):
                 masks = self._masks(ctx, inputs, options, rows, base, experts, cuts)
-                weighted = []
+                kept, weighted = [], []
                 for t, (mask, w) in enumerate(zip(masks, options.weights)):
                     tau = experts[t].float() - base.float()
                     if sparse[t]:
                         tau = torch.where(mask, tau, 0.0)
-                        if scales[t] != 1.0:
-                            tau = tau * torch.tensor(scales[t], dtype=torch.float32)
+                    kept.append(tau)
+                    if sparse[t] and scales[t] != 1.0:
+                        tau = tau * torch.tensor(scales[t], dtype=torch.float32)
                     weighted.append(tau * w)
-                out = gta.mix(base, weighted, list(options.weights), consensus=options.consensus,
-                              normalize=options.normalize, lam=options.lam, out_dtype=out_dtype)
+                agree = gta.agreement(weighted, options.consensus)
+                out = gta.mix(base, weighted, list(options.weights), agree, normalize=options.normalize,
+                              lam=options.lam, out_dtype=out_dtype)
+            if probe:
+                with ctx.timer.track("diagnostics"):
+                    conflicts = None if agree is None else [(x != 0) & ~a for x, a in zip(weighted, agree)]
+                    counts = vote_counts(kept, conflicts, agree or [x != 0 for x in weighted])
+                probe.chunk(ctx, rows, base, experts, out, counts)
             yield rows, out
+        if probe:
+            probe.finish()
 
 _PARAMETERS = {"random": (DareParameters, DareModelParameters),
                "magnitude_outliers": (BreadcrumbsParameters, BreadcrumbsModelParameters),

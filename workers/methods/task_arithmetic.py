@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
+from workers.diagnostics import merge_chunk
 from workers.kernels import linear
 from workers.methods.base import MergeMethod, MethodOptions, MethodParameters, Scalar, expert_models, first, warn_unused_density
 from workers.methods.linear import check_normalizable
@@ -60,13 +61,18 @@ class TaskArithmeticMethod(MergeMethod):
     def merge_tensor(self, ctx, inputs, options: TaskVectorOptions, prepass, out_dtype):
         weights, lam = ctx.vector(options.weights), ctx.scalar(options.lam)
         divisor = ctx.scalar(sum(options.weights) if options.normalize else 1.0)
+        probe = ctx.probe(inputs.task, len(options.weights), elects_sign=False)
         for rows in inputs.ranges:
             base, experts = inputs.load(rows)
             with ctx.timer.track("kernel"):
-                out = ctx.compiler.run_into(linear.task_arithmetic_merge, inputs.merged_buffer(experts, out_dtype),
-                                            base, experts, weights, lam, divisor, out_dtype=out_dtype,
-                                            numel=experts.numel())
+                out, counts = merge_chunk(ctx, probe is not None, linear.task_arithmetic_merge,
+                                          inputs.merged_buffer(experts, out_dtype), base, experts, weights, lam,
+                                          divisor, out_dtype=out_dtype)
+            if probe:
+                probe.chunk(ctx, rows, base, experts, out, counts)
             yield rows, out
+        if probe:
+            probe.finish()
 
 
 TASK_ARITHMETIC = TaskArithmeticMethod(name="task_arithmetic", parameters=TaskArithmeticParameters,

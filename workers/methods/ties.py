@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from workers.diagnostics import merge_chunk
 from workers.kernels import ties
 from workers.methods import ties_global
 from workers.methods.base import MergeMethod, MethodParameters, Scalar, expert_models, first
@@ -88,14 +89,19 @@ class TiesMethod(MergeMethod):
                          if options.zero_sign == "majority" else 1.0)
         cuts = TrimCuts(ctx, rules)
         lam, zero = ctx.scalar(options.lam), ctx.scalar(zero_sign)
+        probe = ctx.probe(inputs.task, len(options.weights), elects_sign=True)
         for rows in inputs.ranges:
             base, experts = inputs.load(rows)
             with ctx.timer.track("kernel"):
-                out = ctx.compiler.run_into(ties.ties_merge, inputs.merged_buffer(experts, out_dtype), base, experts,
-                                            cuts.thr, cuts.for_chunk(base, experts), weights, lam, zero,
-                                            sign_by_count=sign_by_count, normalize=options.normalize,
-                                            out_dtype=out_dtype, numel=experts.numel())
+                out, counts = merge_chunk(ctx, probe is not None, ties.ties_merge,
+                                          inputs.merged_buffer(experts, out_dtype), base, experts, cuts.thr,
+                                          cuts.for_chunk(base, experts), weights, lam, zero, sign_by_count=sign_by_count,
+                                          normalize=options.normalize, out_dtype=out_dtype)
+            if probe:
+                probe.chunk(ctx, rows, base, experts, out, counts)
             yield rows, out
+        if probe:
+            probe.finish()
 
 
 TIES = TiesMethod(name="ties", parameters=TiesParameters, model_parameters=TiesModelParameters)
