@@ -145,19 +145,26 @@ class _FactoredLayer(_TwinLayer):
 
 
 class TwinLinear(_FactoredLayer):
-    """nn.Linear plus per-sample Σ_t w_t (B_t A_t x + Δb_t)."""
+    """nn.Linear plus per-sample Σ_t w_t (B_t A_t x + Δb_t). With ``stored_transposed``: transformers'
+    Conv1D (GPT-2), whose weight is stored (in, out), y = x W + b; its factors multiply to that stored
+    shape, so y gains Σ_t w_t (x B_t) A_t, the same two products with Bᵀ and Aᵀ in A's and B's places."""
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         current: _CurrentWeights,
         factors: list[tuple[torch.Tensor, torch.Tensor] | None],
         bias_deltas: torch.Tensor | None,
+        *,
+        stored_transposed: bool = False,
     ) -> None:
         super().__init__(base, current)
         like = base.weight
-        self._set_factors(_cat([A for _, A in _present(factors)], 0, (0, base.in_features), like),
-                          _cat([B for B, _ in _present(factors)], 1, (base.out_features, 0), like), _ranks(factors))
+        if stored_transposed:  # W (in, out) ≈ B A: x ↦ (x B) A, i.e. "A" = Bᵀ (R, in), "B" = Aᵀ (out, R)
+            (fan_in, fan_out), down, up = like.shape, [B.mT for B, _ in _present(factors)], [A.mT for _, A in _present(factors)]
+        else:
+            (fan_out, fan_in), down, up = like.shape, [A for _, A in _present(factors)], [B for B, _ in _present(factors)]
+        self._set_factors(_cat(down, 0, (0, fan_in), like), _cat(up, 1, (fan_out, 0), like), _ranks(factors))
         self.register_buffer("bias_deltas", None if bias_deltas is None else bias_deltas.to(like), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,32 +175,6 @@ class TwinLinear(_FactoredLayer):
         A, B, rank_expert = self._factors()
         if rank_expert.numel():
             y = y + ((x @ A.mT) * self._derived_from("columns", lambda: w[..., rank_expert])) @ B.mT
-        if self.bias_deltas is not None:
-            y = y + self._derived_from("bias", lambda: w @ self.bias_deltas)
-        return y
-
-
-class TwinConv1D(_FactoredLayer):
-    """transformers' Conv1D (y = x W + b, W stored (in, out), as in GPT-2) plus per-sample
-    Σ_t w_t ((x B_t) A_t + Δb_t); the factors multiply to W's stored shape, B_t A_t ≈ v_t."""
-
-    def __init__(self, base: nn.Module, current: _CurrentWeights,
-                 factors: list[tuple[torch.Tensor, torch.Tensor] | None], bias_deltas: torch.Tensor | None) -> None:
-        super().__init__(base, current)
-        like = base.weight
-        fan_in, fan_out = like.shape
-        self._set_factors(_cat([A for _, A in _present(factors)], 0, (0, fan_out), like),
-                          _cat([B for B, _ in _present(factors)], 1, (fan_in, 0), like), _ranks(factors))
-        self.register_buffer("bias_deltas", None if bias_deltas is None else bias_deltas.to(like), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        w = self._weights(x, x.dim() - 1)
-        if w is None:
-            return y
-        A, B, rank_expert = self._factors()
-        if rank_expert.numel():
-            y = y + ((x @ B) * self._derived_from("columns", lambda: w[..., rank_expert])) @ A
         if self.bias_deltas is not None:
             y = y + self._derived_from("bias", lambda: w @ self.bias_deltas)
         return y
@@ -522,7 +503,7 @@ def _twin_layer(
         return TwinLinear(module, current, factors("weight"), dense("bias"))
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
         check_params({"weight"}, {"bias"})
-        return TwinConv1D(module, current, factors("weight"), dense("bias"))
+        return TwinLinear(module, current, factors("weight"), dense("bias"), stored_transposed=True)
     if isinstance(module, nn.Embedding):
         check_params({"weight"}, set())
         return TwinEmbedding(module, current, factors("weight"))
