@@ -25,8 +25,8 @@ def pytest_configure(config):
 def start_embedded_ray() -> None:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+    if not ray.is_initialized():  # address="local": a new instance, never a `ray start` cluster the machine runs
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
                  object_store_memory=200 * 1024 * 1024,
                  _temp_dir=tempfile.mkdtemp(prefix="mfray", dir="/tmp"))
 
