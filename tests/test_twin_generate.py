@@ -170,7 +170,7 @@ def test_router_runs_once_per_prompt_with_a_kv_cache(runs, mode):
     twin = TwinModel(model, factors, dense, router=router)
     twin.set_mode(mode, top_k=2)
     forwards = []
-    model.register_forward_hook(lambda *_: forwards.append(1))
+    model.base_model.register_forward_hook(lambda *_: forwards.append(1))  # the backbone: routing runs it alone
     inputs = _left_padded(PROMPTS)
     got = twin.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=PAD)
     assert calls == [len(PROMPTS)]  # one routing for the batch, none per decoding step

@@ -175,15 +175,16 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torc
 
 
 def last_hidden_state(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The last hidden state (batch, seq, d) of a transformers model, base or with a head. Position
-    ids follow the attention mask (as transformers' ``generate`` sets them), so a token's state is
-    the same whether its text is padded on the left, on the right, or not at all."""
+    """The last hidden state (batch, seq, d) of a transformers model, base or with a head: a head
+    model's backbone (``base_model``) runs alone, so a causal LM computes no logits for the prompt.
+    Position ids follow the attention mask (as transformers' ``generate`` sets them), so a token's
+    state is the same whether its text is padded on the left, on the right, or not at all."""
+    backbone = getattr(model, "base_model", model)
     mask = inputs.get("attention_mask")
-    if mask is not None and "position_ids" not in inputs and "position_ids" in inspect.signature(model.forward).parameters:
+    if mask is not None and "position_ids" not in inputs and "position_ids" in inspect.signature(backbone.forward).parameters:
         inputs = {**inputs, "position_ids": (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)}
-    output = model(**inputs, output_hidden_states=True)
-    hidden = getattr(output, "last_hidden_state", None)
-    return hidden if hidden is not None else output.hidden_states[-1]
+    hidden = getattr(backbone(**inputs), "last_hidden_state", None)
+    return hidden if hidden is not None else model(**inputs, output_hidden_states=True).hidden_states[-1]
 
 
 def extract_features(
