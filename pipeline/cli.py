@@ -102,26 +102,27 @@ def _cannot_run(url: str, exc: Exception) -> CommandError:
     return CommandError(message if url in message else f"{url}: {message}")
 
 
+def _read_output(args, read):
+    """``read(OUTPUT, storage_options=...)``; an output it cannot look at (nothing there, storage
+    errors) is the command's error, naming the URL. A bad --config fails first, with its own message."""
+    storage_options = _storage_options(args)
+    try:
+        return read(args.output, storage_options=storage_options)
+    except Exception as exc:
+        raise _cannot_run(args.output, exc) from exc
+
+
 def _cmd_status(args) -> int:
     from pipeline.resume import output_status
 
-    storage_options = _storage_options(args)  # a bad --config fails here, with its own message
-    try:
-        status = output_status(args.output, storage_options=storage_options)
-    except Exception as exc:
-        raise _cannot_run(args.output, exc) from exc
-    print(json.dumps(status, indent=2))
+    print(json.dumps(_read_output(args, output_status), indent=2))
     return EXIT_OK
 
 
 def _cmd_verify(args) -> int:
     from manifests.verify import verify_output
 
-    storage_options = _storage_options(args)  # a bad --config fails here, with its own message
-    try:  # problems found are returned; an output it cannot look at (nothing there, storage errors) raises
-        problems = verify_output(args.output, storage_options=storage_options)
-    except Exception as exc:
-        raise _cannot_run(args.output, exc) from exc
+    problems = _read_output(args, verify_output)  # problems found are returned, not raised
     for p in problems:
         print(f"FAIL {p}")
     print("OK" if not problems else f"{len(problems)} problem(s)")
@@ -131,11 +132,7 @@ def _cmd_verify(args) -> int:
 def _cmd_report(args) -> int:
     from pipeline.report import figures, render_html, report_summary
 
-    storage_options = _storage_options(args)  # a bad --config fails here, with its own message
-    try:
-        summary = report_summary(args.output, storage_options=storage_options)
-    except Exception as exc:
-        raise _cannot_run(args.output, exc) from exc
+    summary = _read_output(args, report_summary)
     if args.json:
         print(json.dumps(summary, indent=2))
         return EXIT_OK
