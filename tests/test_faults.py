@@ -144,12 +144,19 @@ def test_killed_coordinator_leaves_no_ray_process_behind(tmp_path):
         assert _session_processes(ray_tmp), "no Ray process seen while the run was going"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _session_processes(ray_tmp):
-            time.sleep(0.5)
-        assert _session_processes(ray_tmp) == {}
+        assert _session_processes_gone(ray_tmp, within_s=20) == {}
     finally:
         _kill_session_processes(ray_tmp)
+
+
+def _session_processes_gone(marker: str, *, within_s: float) -> dict[int, str]:
+    """Wait up to ``within_s`` for the processes of ``_session_processes`` to go; those still left."""
+    import time
+
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and _session_processes(marker):
+        time.sleep(0.5)
+    return _session_processes(marker)
 
 
 def _session_processes(marker: str) -> dict[int, str]:
@@ -178,7 +185,6 @@ def test_the_command_exits_without_waiting_for_ray_and_leaves_nothing(tmp_path):
     import subprocess
     import sys
     import tempfile
-    import time
 
     import yaml
 
@@ -194,9 +200,6 @@ def test_the_command_exits_without_waiting_for_ray_and_leaves_nothing(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert verify_output(str(tmp_path / "out")) == []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _session_processes(ray_tmp):
-            time.sleep(0.5)
-        assert _session_processes(ray_tmp) == {}
+        assert _session_processes_gone(ray_tmp, within_s=20) == {}
     finally:
         _kill_session_processes(ray_tmp)
