@@ -98,7 +98,8 @@ def load_router(output_url: str, manifest: Manifest, *, storage_options: dict | 
             files[name] = fs.cat_file(path)
     if not files:
         return None
-    problems = attachment_problems(output, [f"{ROUTER_DIR}/{name}" for name in files], manifest.run_id)
+    read = {f"{ROUTER_DIR}/{name}": data for name, data in files.items()}
+    problems = attachment_problems(output, list(read), manifest.run_id, read)
     if problems:
         raise ValueError(f"{output_url}: " + "; ".join(problems))
     return router_from_files(files)  # names a missing one

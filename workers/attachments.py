@@ -32,9 +32,12 @@ def read_record(output: Location) -> dict | None:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
 
 
-def attachment_problems(output: Location, names: list[str], run_id: str) -> list[str]:
+def attachment_problems(output: Location, names: list[str], run_id: str,
+                        contents: dict[str, bytes] | None = None) -> list[str]:
     """What is wrong with the attachment files ``names`` (output-relative) of the run ``run_id``:
-    no record, a record of another run, a file it does not list or whose sha256 differs."""
+    no record, a record of another run, a file it does not list or whose sha256 differs.
+    ``contents``: the bytes of those files already read (the others are read here)."""
+    contents = contents or {}
     names = [n for n in names if is_attachment(n) and n != ROUTER_RECORD]
     if not names:
         return []
@@ -51,7 +54,11 @@ def attachment_problems(output: Location, names: list[str], run_id: str) -> list
         if relative not in listed:
             problems.append(f"{name}: not in {ROUTER_RECORD} (foreign); remove it")
             continue
-        fs, path = output.fs(name)
-        if hashlib.sha256(fs.cat_file(path)).hexdigest() != listed[relative]:
+        if name in contents:
+            data = contents[name]
+        else:
+            fs, path = output.fs(name)
+            data = fs.cat_file(path)
+        if hashlib.sha256(data).hexdigest() != listed[relative]:
             problems.append(f"{name}: its sha256 differs from {ROUTER_RECORD}'s (changed since training); {fix}")
     return problems
