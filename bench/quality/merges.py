@@ -140,15 +140,13 @@ def _rank(entry: dict) -> tuple[float, float]:
     return entry["val_mean"], entry.get("val_tiebreak", 0.0)
 
 
-def run_twin(experts: dict[str, Path], tasks: dict[str, TaskData], scorer: Scorer, work: Path, grid: Grid, seed: int) -> dict[str, dict]:
-    """Twin-Merging through the pipeline: twin run, router on training texts, dynamic inference."""
+def twin_merge(experts: dict[str, Path], work: Path, grid: Grid, base: Path) -> tuple[Path, object, float]:
+    """(output, manifest, wall s) of a ``merge_method: twin`` run over the experts (named by task)."""
     from pipeline.config import load_config
     from pipeline.coordinator import run_merge
-    from twin.load import load_twin
-    from twin.train import train_twin_router
 
     output = work / "twin"
-    config = {"merge_method": "twin", "base_model": str(base_dir()), "dtype": "float32", "output": str(output),
+    config = {"merge_method": "twin", "base_model": str(base), "dtype": "float32", "output": str(output),
               "models": [{"model": str(path)} for path in experts.values()],
               "parameters": {"rank_ratio": grid.twin_rank_ratio}}
     t0 = time.perf_counter()
@@ -157,6 +155,15 @@ def run_twin(experts: dict[str, Path], tasks: dict[str, TaskData], scorer: Score
     names = [e["name"] for e in manifest.extra["twin"]["experts"]]
     if names != list(experts):
         raise RuntimeError(f"twin run named the experts {names}, expected {list(experts)} (the expert directories are named by task)")
+    return output, manifest, wall
+
+
+def run_twin(experts: dict[str, Path], tasks: dict[str, TaskData], scorer: Scorer, work: Path, grid: Grid, seed: int) -> dict[str, dict]:
+    """Twin-Merging through the pipeline: twin run, router on training texts, dynamic inference."""
+    from twin.load import load_twin
+    from twin.train import train_twin_router
+
+    output, manifest, wall = twin_merge(experts, work, grid, base_dir())
     # the router learns from the experts' training texts only; its checkpoint is picked on a held-out
     # fifth of them, so neither the validation nor the test split is seen
     data = work / "router_train.jsonl"
@@ -180,7 +187,7 @@ def run_twin(experts: dict[str, Path], tasks: dict[str, TaskData], scorer: Score
         oracle[task] = _correct(head, features(twin, tokens), labels)
         shared[task] = _correct(head, _shared_features(twin, tokens), labels)
     stored = {"shared": dir_bytes(output / "shared"),
-              "factors": sum(dir_bytes(output / "experts" / n, "factors*.safetensors") for n in names),
+              "factors": sum(dir_bytes(output / "experts" / n, "factors*.safetensors") for n in experts),
               "router": dir_bytes(output / "router")}
     common = {"output": str(output), "wall_s": wall, "parameters": {"shared": "task_arithmetic λ=0.29", "rank_ratio": grid.twin_rank_ratio}}
     return {

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.quality.merges import Grid, accuracies, run_merges
+from bench.quality.merges import Grid, accuracies, run_merges, twin_merge
 from bench.quality_generative import model as M
 from bench.quality_generative.data import TaskData
 
@@ -80,21 +80,10 @@ def plain_merges(experts: dict[str, Path], scorer: Scorer, work: Path, grid: Gri
 def run_twin(experts: dict[str, Path], tasks: dict[str, TaskData], scorer: Scorer, work: Path, grid: Grid, seed: int,
              base: Path) -> dict[str, dict]:
     """Twin-Merging through the pipeline (module docstring): router, hard, oracle and θ*-only rows."""
-    from pipeline.config import load_config
-    from pipeline.coordinator import run_merge
     from twin.load import load_tokenizer, load_twin
     from twin.train import train_twin_router
 
-    output = work / "twin"
-    config = {"merge_method": "twin", "base_model": str(base), "dtype": "float32", "output": str(output),
-              "models": [{"model": str(path)} for path in experts.values()],
-              "parameters": {"rank_ratio": grid.twin_rank_ratio}}
-    t0 = time.perf_counter()
-    manifest = run_merge(load_config(config), progress=False, overwrite=True)
-    wall = round(time.perf_counter() - t0, 3)
-    names = [e["name"] for e in manifest.extra["twin"]["experts"]]
-    if names != list(experts):
-        raise RuntimeError(f"twin run named the experts {names}, expected {list(experts)} (the expert directories are named by task)")
+    output, manifest, wall = twin_merge(experts, work, grid, base)
     data = work / "router_train.jsonl"
     data.write_text("".join(json.dumps({"text": prompt, "task": name}, ensure_ascii=False) + "\n"
                             for name in tasks for prompt in tasks[name].prompts("train")), encoding="utf-8")
@@ -136,7 +125,7 @@ def run_twin(experts: dict[str, Path], tasks: dict[str, TaskData], scorer: Score
     shared_correct = scorer.correct(M.load_model(output / "shared"), "test")
 
     stored = {"shared": M.dir_bytes(output / "shared"),
-              "factors": sum(M.dir_bytes(output / "experts" / n, "factors*.safetensors") for n in names),
+              "factors": sum(M.dir_bytes(output / "experts" / n, "factors*.safetensors") for n in experts),
               "router": M.dir_bytes(output / "router")}
     rel_errors = [t["rel_error"] for e in manifest.extra["twin"]["experts"] for t in e["tensors"].values()
                   if t.get("kind") == "factors" and t.get("rel_error") is not None]
