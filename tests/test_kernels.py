@@ -303,6 +303,27 @@ def test_chunked_run_gives_identical_bytes(tmp_path, method, zero_sign):
     assert files["whole"] == files["chunked"]
 
 
+@pytest.mark.parametrize("make", [gaussian_models, grid_models])
+def test_one_pass_trim_writes_the_histograms_bytes(tmp_path, monkeypatch, make):
+    """Tensors large enough for the one-pass bracketed selection: the bytes equal those of the
+    two histogram passes (the path a missed bracket falls back to), whole and in row chunks."""
+    from workers.kernels import selection
+
+    base, experts = make(3, seed=11, shapes={"wide.weight": (520, 512), "vec": (300000,)})
+    base_dir, expert_dirs = write_inputs(tmp_path / "in", base, experts)
+    files = {}
+    for label, budget, min_elements in (("one pass", 10**9, selection.BRACKET_MIN_ELEMENTS),
+                                        ("one pass, chunked", 8 * 10**6, selection.BRACKET_MIN_ELEMENTS),
+                                        ("histograms", 10**9, 1 << 62)):
+        monkeypatch.setattr(selection, "BRACKET_MIN_ELEMENTS", min_elements)
+        cfg = make_config("ties", base_dir, expert_dirs, tmp_path / label, weights=[1.0, 0.5, 2.0],
+                          densities=[0.2, 0.55, 1.0], dtype="float32", memory_budget=budget, process_reserve=0)
+        _, plan = run_pipeline(cfg)
+        assert all((t.chunk_rows < t.shape[0]) == ("chunked" in label) for t in plan.tensors if t.action == "merge")
+        files[label] = {s.file_name: (Path(plan.output_url) / s.file_name).read_bytes() for s in plan.shards}
+    assert files["one pass"] == files["one pass, chunked"] == files["histograms"]
+
+
 # ---- task arithmetic and linear ----------------------------------------------------------------
 
 @pytest.mark.parametrize("weights, lam, normalize", [

@@ -7,6 +7,8 @@ threshold broken by lowest flat index, i.e. the first n_keep entries of a stable
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
@@ -257,3 +259,67 @@ def test_keep_all_rule_and_the_one_element_floor():
     assert torch.equal(trim_in_chunks(tau, TrimRule.keep_all(), [(0, 2)]), tau)
     one = trim_in_chunks(tau, implementation_rule(tau, 0.2, [(0, 1), (1, 2)]), [(0, 1), (1, 2)])
     assert torch.equal(one, torch.tensor([[0.0, 0.0], [0.0, 3e38]]))  # int(0.2·4) = 0, but one is kept
+
+
+# ---- bracketed selection (one pass, workers/kernels/selection.py BracketedSelection) --------------
+
+def _bracketed(parts: list[tuple[torch.Tensor, torch.Tensor]], ks, numel: int, row_elements: int):
+    """The shard's one-pass selection over row chunks (base, experts), eager."""
+    selected = selection.BracketedSelection(ks, numel, row_elements, lambda kernel, *a, numel: kernel(*a))
+    for base, experts in parts:
+        if not selected.add(base, experts, torch.empty(base.numel(), dtype=torch.int32)):
+            return None
+    return selected.statistics()
+
+
+def _reference_statistic(mags: torch.Tensor, k: int) -> selection.OrderStatistic:
+    value = torch.kthvalue(mags, k).values
+    n_below, n_equal = int((mags < value).sum()), int((mags == value).sum())
+    return selection.OrderStatistic(value.item(), n_below, n_equal, mags.numel() - n_below - n_equal)
+
+
+@SETTINGS
+@given(x=float32_vectors(), base_x=float32_vectors(), k_frac=st.floats(0, 1),
+       cuts=st.lists(st.integers(0, 5000), max_size=4), n_experts=st.integers(1, 3),
+       sample=st.sampled_from([2, 16, 64, 1 << 16]))
+def test_bracketed_selection_equals_kthvalue_or_gives_up(x, base_x, k_frac, cuts, n_experts, sample):
+    """Any sample size (a small one misses often): the exact statistic of |θ_t − θ₀| or None, never another."""
+    n = len(x)
+    base = torch.from_numpy(np.resize(base_x, n).copy())
+    flat = torch.from_numpy(x.copy())
+    experts = torch.stack([flat.roll(t) for t in range(n_experts)])
+    ks = [None if t == 1 else max(1, min(n, 1 + int(k_frac * n)) - t) for t in range(n_experts)]
+    parts = [(base[a:b], experts[:, a:b]) for a, b in _chunks(n, cuts)]
+    with mock.patch.object(selection, "BRACKET_SAMPLE", sample):
+        stats = _bracketed(parts, ks, n, 1)
+    if stats is None:
+        return
+    mags = (experts - base).abs()
+    for t, k in enumerate(ks):
+        if k is None:
+            assert stats[t] is None
+        else:
+            assert stats[t] == _reference_statistic(mags[t], k), (t, k)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "ties at the cut", "unchanged"])
+def test_bracketed_selection_decides_bf16_tensors_in_one_pass(kind):
+    """bf16 experts as the benchmarks make them, and two many-ties cases: one pass decides (no give-up),
+    exactly as the histograms do, in one chunk or in row chunks."""
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 512, 640
+    base = (torch.randn(rows * cols, generator=g) * 0.02).to(torch.bfloat16)
+    noise = {"gaussian": torch.randn(4, rows * cols, generator=g) * 0.005,
+             "ties at the cut": torch.randint(-2, 3, (4, rows * cols), generator=g) * 0.25,
+             "unchanged": torch.zeros(4, rows * cols)}[kind]
+    experts = (base.float() + noise).to(torch.bfloat16)
+    n = rows * cols
+    ks = [selection.top_n_k(n, d) for d in (0.2, 0.5, 0.9, 1.0)]
+    mags = (experts.float() - base.float()).abs()
+    for step in (rows, 100):
+        parts = [(base[r * cols:min(rows, r + step) * cols], experts[:, r * cols:min(rows, r + step) * cols])
+                 for r in range(0, rows, step)]
+        stats = _bracketed(parts, ks, n, cols)
+        assert stats is not None, (kind, step)
+        assert [s if k is None else s == _reference_statistic(mags[t], k) for t, (s, k) in enumerate(zip(stats, ks))] \
+            == [True, True, True, None]

@@ -10,6 +10,7 @@ import torch
 
 from workers.kernels import selection, ties
 from workers.kernels.selection import TrimRule
+from workers.tensor_io import rows_of
 
 
 class TrimCuts:
@@ -58,6 +59,20 @@ def histograms(ctx, inputs, buckets: torch.Tensor | None) -> torch.Tensor:
     return total
 
 
+def bracketed_statistics(ctx, inputs, ks: list[int | None]) -> list | None:
+    """Per expert, the k-th smallest |τ| of the tensor (None where k is None) in one pass over its
+    chunks (``selection.BracketedSelection``); None when the histograms must decide."""
+    numel = math.prod(inputs.task.shape)
+    selected = selection.BracketedSelection(ks, numel, max(1, numel // rows_of(inputs.task.shape)), ctx.compiler.run)
+    for rows in inputs.ranges:
+        base, experts = inputs.load(rows)
+        with ctx.timer.track("kernel"):
+            if not selected.add(base, experts, ctx.buffer(("flags",), base.shape, torch.int32)):
+                return None
+    with ctx.timer.track("kernel"):
+        return selected.statistics()
+
+
 def sign_sum(ctx, inputs, rules: list[TrimRule], weights: torch.Tensor, sign_by_count: bool) -> int:
     """Σγ over one tensor's elements (the elected signs before the zero fill), an exact integer."""
     cuts, total = TrimCuts(ctx, rules), 0
@@ -87,6 +102,11 @@ def top_n_rules(ctx, inputs, n_keep: list[int]) -> list[TrimRule]:
         return [TrimRule.keep_all() for _ in n_keep]
     if any(n <= 0 for n in n_keep):
         raise ValueError("top_n_rules keeps at least one element per expert")
+    if numel >= selection.BRACKET_MIN_ELEMENTS:
+        stats = bracketed_statistics(ctx, inputs, ks)
+        if stats is not None:
+            return [selection.keep_rule(stat, n) if stat is not None else TrimRule.keep_all()
+                    for stat, n in zip(stats, n_keep)]
     highs = histograms(ctx, inputs, None).cpu()
     buckets = [selection.locate(h, k)[0] if k is not None else -1 for h, k in zip(highs, ks)]
     lows = histograms(ctx, inputs, ctx.vector(buckets, torch.int32)).cpu()
