@@ -26,7 +26,7 @@ PINNED = {
     "ties_count_majority": "39850406e043fd7f563cfedcdaf7530327cee8c57988562010c9e0297863e99c",
     "ties_global": "f61d056de11b12446a5e53d42185e763e64648f3c22019bf7ccbb65d29b793d6",
     "twin_task_arithmetic": "55891f9ca27fe423a949c3fb3f371d826528eab23d78833689d81e4b896cf93b",
-    "twin_ties_global": "ab96f2ece21d17ca592cb3894cd085d1662f48fa7cd5d9cc828b87a9d1d47566",
+    "twin_ties_global": "412d8868e1e3b7ff68902bd4aabff7cac20077c1c2a3570dff65937416e4935d",
 }
 
 

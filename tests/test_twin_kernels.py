@@ -24,6 +24,15 @@ def _low_rank_plus_noise(m: int, n: int, signal_rank: int, noise: float, *, dtyp
     return ((U * sigma) @ V.T + noise * torch.randn(m, n, generator=g, dtype=torch.float64)).to(dtype)
 
 
+def _decaying_spectrum(m: int, n: int, decay: float) -> torch.Tensor:
+    """float64 m×n with σ_i = i^-decay: the slow decay where the power iterations matter."""
+    g = _generator(2)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    return (U * torch.arange(1, k + 1, dtype=torch.float64) ** -decay) @ V.T
+
+
 @pytest.mark.parametrize("shape", [(40, 30), (30, 40), (64, 64)])
 @pytest.mark.parametrize("r", [1, 5, 17])
 def test_exact_is_the_best_rank_r_approximation(shape, r):
@@ -50,6 +59,23 @@ def test_randomized_is_within_5_percent_of_exact_on_1024_square():
     # the reported error is the real one
     measured = float(torch.linalg.norm((v - randomized.B @ randomized.A).double())) / float(torch.linalg.norm(v.double()))
     assert randomized.rel_error == pytest.approx(measured, rel=1e-4)
+
+
+@pytest.mark.parametrize("decay", [0.25, 0.5, 1.0])
+def test_bfloat16_range_finder_keeps_the_float64_accuracy(decay):
+    # float32 v: the range finder's products run in bfloat16, Qᵀv in float32; against float64
+    # references, the error stays within 5% of the exact truncated SVD's and matches the float64
+    # range finder's (the same algorithm with every product in float64)
+    v64 = _decaying_spectrum(512, 1024, decay)
+    sigma_sq = torch.linalg.svdvals(v64) ** 2
+    best = math.sqrt(float(sigma_sq[32:].sum() / sigma_sq.sum()))
+    f = factorize(v64.float(), rank=32, svd="randomized")
+    reference = factorize(v64, rank=32, svd="randomized")
+    measured = float(torch.linalg.norm(v64 - f.B.double() @ f.A.double())) / float(torch.linalg.norm(v64))
+    assert f.B.dtype == torch.float32
+    assert measured <= 1.05 * best and reference.rel_error <= 1.05 * best
+    assert f.rel_error == pytest.approx(measured, rel=1e-4)
+    assert measured <= reference.rel_error * (1 + 1e-3)
 
 
 def test_randomized_svd_is_deterministic_and_leaves_the_global_rng_alone():

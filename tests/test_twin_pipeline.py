@@ -140,6 +140,15 @@ def test_shard_count_and_row_chunks_do_not_change_bytes(llama):
     assert verify_output(str(llama.outs["chunked"])) == []
 
 
+def test_randomized_factors_do_not_depend_on_the_shard_count(tmp_path, llama):
+    outs = [tmp_path / "one", tmp_path / "three"]
+    for out, shards in zip(outs, (1, 3)):
+        run_merge(_twin_config(llama.base, llama.experts, out, {"rank": 4, "svd": "randomized"}, shards=shards),
+                  progress=False)
+    one, three = _table(outs[0]), _table(outs[1])
+    assert {k: r["sha256"] for k, r in one.items()} == {k: r["sha256"] for k, r in three.items()}
+
+
 def test_default_rank_ratio_records_and_compression(llama):
     record = llama.manifest.extra["twin"]
     assert record["rank_rule"] == {"rank_ratio": 0.1} and record["svd"] == "auto"
