@@ -323,3 +323,20 @@ def test_bracketed_selection_decides_bf16_tensors_in_one_pass(kind):
         assert stats is not None, (kind, step)
         assert [s if k is None else s == _reference_statistic(mags[t], k) for t, (s, k) in enumerate(zip(stats, ks))] \
             == [True, True, True, None]
+
+
+@SETTINGS
+@given(x=float32_vectors(allow_infinity=False), n_experts=st.integers(1, 3), pick=st.integers(0, 10**6))
+def test_low_counts_from_flagged_elements_equal_counting_every_id(x, n_experts, pick):
+    """The refine pass's two ways (flag the buckets' elements, or an id for every element) count alike."""
+    flat = torch.from_numpy(x.copy())
+    experts = torch.stack([flat.roll(t) if t % 2 == 0 else -flat.flip(0) for t in range(n_experts)])
+    base = torch.zeros(flat.numel())
+    bits = experts.abs().view(torch.int32) >> 16
+    buckets = [int(bits[t, pick % flat.numel()]) for t in range(n_experts)]
+    buckets[-1] = -1 if n_experts > 1 else buckets[-1]  # an expert with nothing to refine
+    expected = selection.count_ids(selection.low_bucket_ids(base, experts, torch.tensor(buckets, dtype=torch.int32)),
+                                   selection.LOW_BUCKETS)
+    flags = selection.bracket_flags(base, experts, *selection.bucket_brackets(buckets, base.device))
+    flagged = selection.flagged_magnitudes(flags, base, experts, flat.numel())
+    assert torch.equal(selection.low_counts_of_flagged(flagged, buckets), expected)

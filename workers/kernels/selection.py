@@ -140,6 +140,10 @@ def sample_bracket(base, experts, ks: list[int | None], numel: int, row_elements
     return torch.tensor(lo, device=base.device), torch.tensor(hi, device=base.device)
 
 
+def _in_bracket(magnitude, lo, hi):
+    return (magnitude >= lo) & (magnitude <= hi) & (lo < hi)
+
+
 def bracket_scan(flags, base, experts, lo, hi) -> torch.Tensor:
     """One fused pass: ``flags`` [N] int32 := 1 where some expert's |τ| lies in its [lo, hi] (a
     bracket of one value, lo = hi, flags nothing: its counts settle it), else 0; returns [2, T]
@@ -149,12 +153,49 @@ def bracket_scan(flags, base, experts, lo, hi) -> torch.Tensor:
     inside, below, at_most_hi = None, [], []
     for t in range(experts.shape[0]):
         magnitude = (experts[t].float() - b).abs()
-        flagged = (magnitude >= lo[t]) & (magnitude <= hi[t]) & (lo[t] < hi[t])
+        flagged = _in_bracket(magnitude, lo[t], hi[t])
         inside = flagged if inside is None else inside | flagged
         below.append((magnitude < lo[t]).sum())
         at_most_hi.append((magnitude <= hi[t]).sum())
     flags.copy_(inside.to(torch.int32))
     return torch.stack([torch.stack(below), torch.stack(at_most_hi)])
+
+
+def bracket_flags(base, experts, lo, hi) -> torch.Tensor:
+    """[N] int32: ``bracket_scan``'s flags alone."""
+    b = base.float()
+    inside = None
+    for t in range(experts.shape[0]):
+        flagged = _in_bracket((experts[t].float() - b).abs(), lo[t], hi[t])
+        inside = flagged if inside is None else inside | flagged
+    return inside.to(torch.int32)
+
+
+def flagged_magnitudes(flags, base, experts, limit: int) -> torch.Tensor | None:
+    """[T, U] float32: every expert's |τ| at the U flagged elements, as the kernels compute it;
+    None when more than ``limit`` are flagged."""
+    index = flags.nonzero().squeeze(1)
+    if index.numel() > limit:
+        return None
+    return (experts.index_select(1, index).float() - base.index_select(0, index).float()).abs()
+
+
+def bucket_brackets(buckets: list[int], device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per expert, the smallest and largest float32 of its high-bit bucket (an empty bracket for
+    bucket −1); None when a bucket holds infinities or NaNs (no float bracket bounds it)."""
+    if any(b >= 0x7F80 for b in buckets):
+        return None
+    bounds = torch.tensor([[b << 16, (b << 16) | 0xFFFF] if b >= 0 else [0x7F800000, 0] for b in buckets],
+                          dtype=torch.int32).view(torch.float32)  # -1: [inf, 0], an empty bracket
+    return bounds[:, 0].contiguous().to(device), bounds[:, 1].contiguous().to(device)
+
+
+def low_counts_of_flagged(flagged: torch.Tensor, buckets: list[int]) -> torch.Tensor:
+    """[T, LOW_BUCKETS] int64: per expert, the low 16 bits of its ``flagged`` |τ| inside its bucket
+    counted (what ``count_ids(low_bucket_ids(...))`` counts, from the flagged elements alone)."""
+    bits = flagged.view(torch.int32)
+    return torch.stack([torch.bincount(bits[t][(bits[t] >> 16) == b] & 0xFFFF, minlength=LOW_BUCKETS)
+                        for t, b in enumerate(buckets)])
 
 
 def bracketed_statistic(flagged: torch.Tensor, below: int, at_most_hi: int, lo: float, hi: float, k: int,
@@ -192,11 +233,12 @@ class BracketedSelection:
             self.lo, self.hi = sample_bracket(base, experts, self.ks, self.numel, self.row_elements)
             self.limit = base.numel()
         self.counts = self.counts + self.run(bracket_scan, flags, base, experts, self.lo, self.hi, numel=experts.numel())
-        index = flags.nonzero().squeeze(1)
-        self.limit -= index.numel()
-        if self.limit < 0:
+        flagged = flagged_magnitudes(flags, base, experts, self.limit)
+        if flagged is None:
+            self.limit = -1
             return False
-        self.flagged.append((experts.index_select(1, index).float() - base.index_select(0, index).float()).abs())
+        self.limit -= flagged.shape[1]
+        self.flagged.append(flagged)
         return True
 
     def statistics(self) -> list[OrderStatistic | None] | None:

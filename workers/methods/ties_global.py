@@ -59,7 +59,7 @@ class LowHistogramScan:
         return [torch.zeros(len(self.buckets), selection.LOW_BUCKETS, dtype=torch.int64)]
 
     def accumulate(self, ctx, inputs, totals: list) -> list:
-        return [totals[0] + histograms(ctx, inputs, ctx.vector(self.buckets, torch.int32)).cpu()]
+        return [totals[0] + histograms(ctx, inputs, list(self.buckets)).cpu()]
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ class TrimCuts:
         return self.ctx.vector(cuts, torch.int64)
 
 
-def histograms(ctx, inputs, buckets: torch.Tensor | None) -> torch.Tensor:
+def histograms(ctx, inputs, buckets: list[int] | None) -> torch.Tensor:
     """[T, width] counts of |τ|'s high bits (``buckets`` None) or of its low bits inside each
     expert's bucket, over every chunk of the tensor."""
     total = None
@@ -52,11 +52,26 @@ def histograms(ctx, inputs, buckets: torch.Tensor | None) -> torch.Tensor:
                 ctx.compiler.run_into(selection.high_bucket_ids, ids, base, experts, numel=experts.numel())
                 counts = selection.count_ids(ids, selection.HIGH_BUCKETS)
             else:
-                ids = ctx.buffer(("ids",), experts.shape, torch.int32)
-                ctx.compiler.run_into(selection.low_bucket_ids, ids, base, experts, buckets, numel=experts.numel())
-                counts = selection.count_ids(ids, selection.LOW_BUCKETS)
+                counts = low_counts(ctx, base, experts, buckets)
             total = counts if total is None else total + counts
     return total
+
+
+def low_counts(ctx, base, experts, buckets: list[int]) -> torch.Tensor:
+    """One chunk's low-bit counts inside each expert's bucket: from the elements a bucket flags
+    (a bucket holds ~1 % of them), or, when more than a quarter are flagged or a bucket holds
+    infinities, by counting ids for every element."""
+    brackets = selection.bucket_brackets(buckets, base.device)
+    if brackets is not None:
+        flags = ctx.buffer(("flags",), base.shape, torch.int32)
+        ctx.compiler.run_into(selection.bracket_flags, flags, base, experts, *brackets, numel=experts.numel())
+        flagged = selection.flagged_magnitudes(flags, base, experts, base.numel() // 4)
+        if flagged is not None:
+            return selection.low_counts_of_flagged(flagged, buckets)
+    ids = ctx.buffer(("ids",), experts.shape, torch.int32)
+    ctx.compiler.run_into(selection.low_bucket_ids, ids, base, experts, ctx.vector(buckets, torch.int32),
+                          numel=experts.numel())
+    return selection.count_ids(ids, selection.LOW_BUCKETS)
 
 
 def bracketed_statistics(ctx, inputs, ks: list[int | None]) -> list | None:
@@ -109,6 +124,6 @@ def top_n_rules(ctx, inputs, n_keep: list[int]) -> list[TrimRule]:
                     for stat, n in zip(stats, n_keep)]
     highs = histograms(ctx, inputs, None).cpu()
     buckets = [selection.locate(h, k)[0] if k is not None else -1 for h, k in zip(highs, ks)]
-    lows = histograms(ctx, inputs, ctx.vector(buckets, torch.int32)).cpu()
+    lows = histograms(ctx, inputs, buckets).cpu()
     return [selection.top_n_rule(highs[t], buckets[t], lows[t], n) if ks[t] is not None else TrimRule.keep_all()
             for t, n in enumerate(n_keep)]
