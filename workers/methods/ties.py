@@ -1,7 +1,8 @@
 """TIES-Merging: trim each τ_t to its largest |τ|, elect a sign per element, average the agreeing part.
 
-Per-tensor trim (mergekit's) runs two counting passes over the tensor's chunks per expert (exact
-selection without sorting, workers/kernels/selection.py); the paper's model-wide trim
+Per-tensor trim (mergekit's) selects each expert's threshold exactly without sorting, usually in one
+bracketed pass over the tensor's chunks, else two counting passes (workers/kernels/selection.py,
+workers/methods/ties_passes.py); the paper's model-wide trim
 (``trim_scope: global``) is this method's pre-pass (workers/methods/ties_global.py), whose rules
 reach every shard as ``spec.prepass``. docs/algorithms.md §4.
 """

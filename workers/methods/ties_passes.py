@@ -1,5 +1,6 @@
-"""The passes TIES makes over one tensor's chunks: |τ| histograms (exact selection without sorting,
-workers/kernels/selection.py), the elected-sign sum, and the per-chunk trim cuts with tie quotas.
+"""The passes TIES makes over one tensor's chunks: the bracketed selection and the |τ| histograms
+(exact selection without sorting, workers/kernels/selection.py), the elected-sign sum, and the
+per-chunk trim cuts with tie quotas.
 Per-tensor trim (workers/methods/ties.py) and the model-wide scans (ties_global.py) share them."""
 
 from __future__ import annotations
