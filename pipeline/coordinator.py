@@ -12,9 +12,6 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
-import subprocess
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +26,7 @@ from pipeline import mergefleet_version
 from pipeline.config import MergeConfig
 from pipeline.planner import ShardPlan, build_plan
 from pipeline.ray_tasks import MergeShard, ScanShard, submit
+from pipeline.ray_watchdog import connect_ray
 from pipeline.resume import check_claim, prepare_output
 from pipeline.settings import with_config_values
 from pipeline.tokenizer import TOKENIZER_FILES, with_chat_template
@@ -47,21 +45,6 @@ PREPASS_STATE = "prepass.json"  # a resumed run reuses what its method's pre-pas
 
 class RunError(RuntimeError):
     """A run failed; nothing was published."""
-
-
-def connect_ray(address: str | None = None) -> None:
-    """Join a cluster at ``address``, or start an embedded local Ray (reused if already up), with a
-    watchdog that reaps its processes should this process die without shutting it down
-    (pipeline/ray_watchdog.py)."""
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
-        subprocess.Popen([sys.executable, "-m", "pipeline.ray_watchdog", str(os.getpid())], start_new_session=True,
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def run_jobs(jobs: list[MergeShard | ScanShard], *, progress: bool = True, desc: str = "merge") -> list:

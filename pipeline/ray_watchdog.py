@@ -1,4 +1,8 @@
-"""Reap an embedded Ray's processes once the coordinator that started them is gone.
+"""Start (or join) the Ray a run uses, and reap an embedded Ray's processes once the coordinator
+that started them is gone.
+
+``connect_ray`` imports nothing of the pipeline (Ray alone), so the command starts Ray while a
+thread imports the pipeline and loads the config (pipeline/cli.py).
 
 A coordinator killed without shutting Ray down (SIGKILL, the OOM killer) leaves Ray's dashboard
 and runtime-env agents behind for a minute or more: they notice the raylet's death within seconds,
@@ -13,7 +17,10 @@ is never hit). After a normal exit there is nothing left to kill.
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -21,6 +28,26 @@ import psutil
 
 POLL_SECONDS = 1.0  # how often the descendants are listed while the coordinator runs
 GRACE_SECONDS = 3.0  # after the coordinator is gone: time for Ray's own shutdown before killing
+# what a shard task imports (torch, the methods): an embedded Ray's workers, started with it (one per
+# CPU), import it before taking work, so the first task does not pay for it after the command planned
+WORKER_MODULES = "pipeline.ray_tasks"
+
+
+def connect_ray(address: str | None = None) -> None:
+    """Join a cluster at ``address``, or start an embedded local Ray (reused if already up), with a
+    watchdog that reaps its processes should this process die without shutting it down."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_preload_python_modules", WORKER_MODULES)  # read by the raylet it starts
+    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    subprocess.Popen([sys.executable, "-m", "pipeline.ray_watchdog", str(os.getpid())], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def watch(pid: int) -> int:

@@ -245,7 +245,7 @@ def test_exit_codes_are_in_the_help(capsys):
 
 @pytest.mark.parametrize("extra, hint", [([], "Rerun the same command to resume"),
                                          (["--overwrite"], "Rerun the same command without --overwrite to resume")])
-def test_interrupted_run_is_130_with_one_line(tmp_path, monkeypatch, capsys, extra, hint):
+def test_interrupted_run_is_130_with_one_line(tmp_path, ray_local, monkeypatch, capsys, extra, hint):
     config = _config_file(tmp_path)
 
     def interrupted(*args, **kwargs):
@@ -269,7 +269,7 @@ def test_interrupted_verify_is_130(tmp_path, monkeypatch, capsys):
 # -- 5. other errors reaching main -------------------------------------------------------------------------
 
 
-def test_config_error_prints_as_before(tmp_path, capsys):
+def test_config_error_prints_as_before(tmp_path, ray_local, capsys):
     path = _write_config(tmp_path, {"merge_method": "ties", "models": [{"model": "/x"}], "densty": 0.5})
     with pytest.raises(ValueError) as expected:
         load_config(path)
@@ -277,7 +277,7 @@ def test_config_error_prints_as_before(tmp_path, capsys):
     assert capsys.readouterr().err == f"mergefleet: error: {expected.value}\n"
 
 
-def test_pydantic_and_value_errors_print_their_text(tmp_path, monkeypatch, capsys):
+def test_pydantic_and_value_errors_print_their_text(tmp_path, ray_local, monkeypatch, capsys):
     import pydantic
 
     with pytest.raises(pydantic.ValidationError) as validation:
@@ -289,7 +289,7 @@ def test_pydantic_and_value_errors_print_their_text(tmp_path, monkeypatch, capsy
         assert capsys.readouterr().err == f"mergefleet: error: {error}\n"
 
 
-def test_other_exception_types_in_run_are_exit_2_with_their_type(tmp_path, monkeypatch, capsys):
+def test_other_exception_types_in_run_are_exit_2_with_their_type(tmp_path, ray_local, monkeypatch, capsys):
     config = _config_file(tmp_path)
     for error, line in ((KeyError("lm_head.weight"), "KeyError: 'lm_head.weight'"),
                         (TypeError("unsupported operand"), "TypeError: unsupported operand"),
