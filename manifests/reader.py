@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING
 
 from manifests.schema import MANIFEST_JSON, Manifest
 from workers.storage import join_url, open_fs
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 class ManifestError(ValueError):
@@ -26,6 +27,8 @@ def read_manifest(output_url: str, *, storage_options: dict | None = None) -> Ma
 
 def read_tensor_table(output_url: str, manifest: Manifest, *, storage_options: dict | None = None) -> tuple[pa.Table, bytes]:
     """The tensor table (one row per output tensor) and its raw bytes."""
+    import pyarrow.parquet as pq  # here, not at the top: a shard task reads manifests without it
+
     fs, path = open_fs(join_url(output_url, manifest.tensors_table), storage_options)
     raw = fs.cat_file(path)
     return pq.read_table(io.BytesIO(raw)), raw

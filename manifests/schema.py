@@ -6,7 +6,6 @@ import hashlib
 import json
 from typing import Any
 
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from workers.results import OutputFile
@@ -17,27 +16,6 @@ MANIFEST_JSON = "manifest.json"
 MANIFEST_PARQUET = "manifest.parquet"
 MANIFEST_SHA256 = "manifest.sha256"  # sha256 of manifest.json's bytes, written just before it
 INDEX_JSON = INDEX_NAME  # the HF weight index of a sharded model
-
-TENSOR_TABLE = pa.schema([
-    ("name", pa.string()),
-    ("file", pa.string()),
-    ("dtype", pa.string()),
-    ("shape", pa.list_(pa.int64())),
-    ("offset", pa.int64()),  # absolute byte offset of the data in the file
-    ("nbytes", pa.int64()),
-    ("sha256", pa.string()),
-    ("method", pa.string()),  # merge method, or "copy" for tensors taken from the reference unmerged
-    # the merge's diagnostics (docs/diagnostics.md; null where a tensor has none): per expert t in
-    # config order, with τ_t = θ_t − θ₀ and τ̂_t what the trim keeps of it
-    ("elements", pa.int64()),  # elements of the tensor (the counts' total)
-    ("kept", pa.list_(pa.int64())),  # per expert: non-zero τ̂_t
-    ("sign_conflicts", pa.list_(pa.int64())),  # per expert: kept w_t·τ̂_t against the elected sign
-    ("none_kept", pa.int64()),  # elements no expert contributes to (θ = θ₀ there)
-    ("tau_norm", pa.list_(pa.float64())),  # per expert: ‖τ_t‖
-    ("tau_dot", pa.list_(pa.float64())),  # ⟨τ_a, τ_b⟩ for a < b: (0, 1), (0, 2), …, (1, 2), …
-    ("merged_norm", pa.float64()),  # ‖θ − θ₀‖ of the output as written (λ included)
-    ("slerp_angle", pa.float64()),  # slerp: the angle between the tensor's two models, radians
-])
 
 
 def config_digest(record: dict[str, Any]) -> str:
