@@ -303,10 +303,16 @@ def test_chunked_run_gives_identical_bytes(tmp_path, method, zero_sign):
     assert files["whole"] == files["chunked"]
 
 
-@pytest.mark.parametrize("make", [gaussian_models, grid_models])
+def bf16_gaussian_models(n_experts: int, seed: int, shapes):
+    """Gaussian experts stored in bf16: many |τ| tie at a trim's threshold."""
+    return gaussian_models(n_experts, seed, shapes, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("make", [gaussian_models, grid_models, bf16_gaussian_models])
 def test_one_pass_trim_writes_the_histograms_bytes(tmp_path, monkeypatch, make):
     """Tensors large enough for the one-pass bracketed selection: the bytes equal those of the
-    two histogram passes (the path a missed bracket falls back to), whole and in row chunks."""
+    two histogram passes (the path a missed bracket falls back to), whole and in row chunks (where
+    the bf16 experts' kept ties end in another chunk than they start)."""
     from workers.kernels import selection
 
     base, experts = make(3, seed=11, shapes={"wide.weight": (520, 512), "vec": (300000,)})

@@ -263,66 +263,75 @@ def test_keep_all_rule_and_the_one_element_floor():
 
 # ---- bracketed selection (one pass, workers/kernels/selection.py BracketedSelection) --------------
 
-def _bracketed(parts: list[tuple[torch.Tensor, torch.Tensor]], ks, numel: int, row_elements: int):
-    """The shard's one-pass selection over row chunks (base, experts), eager."""
+def _bracketed(parts: list[tuple[torch.Tensor, torch.Tensor]], n_keep: list[int], numel: int, row_elements: int):
+    """The shard's one-pass selection over row chunks (base, experts), eager: the rules, or None."""
+    ks = [None if n >= numel else numel - n + 1 for n in n_keep]
     selected = selection.BracketedSelection(ks, numel, row_elements, lambda kernel, *a, numel: kernel(*a))
     for base, experts in parts:
         if not selected.add(base, experts, torch.empty(base.numel(), dtype=torch.int32)):
             return None
-    return selected.statistics()
+    return selected.rules(n_keep)
 
 
-def _reference_statistic(mags: torch.Tensor, k: int) -> selection.OrderStatistic:
-    value = torch.kthvalue(mags, k).values
-    n_below, n_equal = int((mags < value).sum()), int((mags == value).sum())
-    return selection.OrderStatistic(value.item(), n_below, n_equal, mags.numel() - n_below - n_equal)
+def _check_rule(got: TrimRule, mags: torch.Tensor, n_keep: int) -> None:
+    """``got`` keeps exactly the n_keep largest of ``mags`` (ties by lowest index); its ``tie_cut``,
+    when known, is the index of the last tie kept."""
+    if n_keep >= mags.numel():
+        assert got == TrimRule.keep_all()
+        return
+    value = torch.kthvalue(mags, mags.numel() - n_keep + 1).values
+    n_above, tied_at = int((mags > value).sum()), (mags == value).nonzero().squeeze(1)
+    quota = n_keep - n_above
+    expected = TrimRule(value.item(), None) if quota >= tied_at.numel() else TrimRule(value.item(), quota,
+                                                                                   int(tied_at[quota - 1]))
+    assert (got.threshold, got.tie_quota) == (expected.threshold, expected.tie_quota)
+    assert got.tie_cut in (None, expected.tie_cut)
 
 
 @SETTINGS
-@given(x=float32_vectors(), base_x=float32_vectors(), k_frac=st.floats(0, 1),
+@given(x=float32_vectors(allow_infinity=False), base_x=float32_vectors(allow_infinity=False), keep_frac=st.floats(0, 1),
        cuts=st.lists(st.integers(0, 5000), max_size=4), n_experts=st.integers(1, 3),
        sample=st.sampled_from([2, 16, 64, 1 << 16]))
-def test_bracketed_selection_equals_kthvalue_or_gives_up(x, base_x, k_frac, cuts, n_experts, sample):
-    """Any sample size (a small one misses often): the exact statistic of |θ_t − θ₀| or None, never another."""
+def test_bracketed_selection_equals_kthvalue_or_gives_up(x, base_x, keep_frac, cuts, n_experts, sample):
+    """Any sample size (a small one misses often): the exact rule for |θ_t − θ₀| (finite inputs, τ may
+    overflow to ∞) or None, never another."""
     n = len(x)
     base = torch.from_numpy(np.resize(base_x, n).copy())
     flat = torch.from_numpy(x.copy())
     experts = torch.stack([flat.roll(t) for t in range(n_experts)])
-    ks = [None if t == 1 else max(1, min(n, 1 + int(k_frac * n)) - t) for t in range(n_experts)]
+    n_keep = [n if t == 1 else max(1, int(keep_frac * n) - t) for t in range(n_experts)]
     parts = [(base[a:b], experts[:, a:b]) for a, b in _chunks(n, cuts)]
     with mock.patch.object(selection, "BRACKET_SAMPLE", sample):
-        stats = _bracketed(parts, ks, n, 1)
-    if stats is None:
-        return
-    mags = (experts - base).abs()
-    for t, k in enumerate(ks):
-        if k is None:
-            assert stats[t] is None
-        else:
-            assert stats[t] == _reference_statistic(mags[t], k), (t, k)
+        rules = _bracketed(parts, n_keep, n, 1)
+    if rules is not None:
+        for t in range(n_experts):
+            _check_rule(rules[t], (experts[t] - base).abs(), n_keep[t])
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "ties at the cut", "unchanged"])
 def test_bracketed_selection_decides_bf16_tensors_in_one_pass(kind):
     """bf16 experts as the benchmarks make them, and two many-ties cases: one pass decides (no give-up),
-    exactly as the histograms do, in one chunk or in row chunks."""
+    exactly, in one chunk or in row chunks; on the gaussian experts it also finds where the kept ties end."""
     g = torch.Generator().manual_seed(3)
     rows, cols = 512, 640
-    base = (torch.randn(rows * cols, generator=g) * 0.02).to(torch.bfloat16)
-    noise = {"gaussian": torch.randn(4, rows * cols, generator=g) * 0.005,
-             "ties at the cut": torch.randint(-2, 3, (4, rows * cols), generator=g) * 0.25,
-             "unchanged": torch.zeros(4, rows * cols)}[kind]
-    experts = (base.float() + noise).to(torch.bfloat16)
     n = rows * cols
-    ks = [selection.top_n_k(n, d) for d in (0.2, 0.5, 0.9, 1.0)]
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    noise = {"gaussian": torch.randn(4, n, generator=g) * 0.005,
+             "ties at the cut": torch.randint(-2, 3, (4, n), generator=g) * 0.25,
+             "unchanged": torch.zeros(4, n)}[kind]
+    experts = (base.float() + noise).to(torch.bfloat16)
+    n_keep = [selection.keep_count(n, d) for d in (0.2, 0.5, 0.9, 1.0)]
     mags = (experts.float() - base.float()).abs()
     for step in (rows, 100):
         parts = [(base[r * cols:min(rows, r + step) * cols], experts[:, r * cols:min(rows, r + step) * cols])
                  for r in range(0, rows, step)]
-        stats = _bracketed(parts, ks, n, cols)
-        assert stats is not None, (kind, step)
-        assert [s if k is None else s == _reference_statistic(mags[t], k) for t, (s, k) in enumerate(zip(stats, ks))] \
-            == [True, True, True, None]
+        rules = _bracketed(parts, n_keep, n, cols)
+        assert rules is not None, (kind, step)
+        for t in range(4):
+            _check_rule(rules[t], mags[t], n_keep[t])
+        if kind == "gaussian":
+            assert all(r.tie_cut is not None for r in rules if r.tie_quota is not None)
+            assert any(r.tie_quota is not None for r in rules)
 
 
 @SETTINGS
@@ -338,5 +347,5 @@ def test_low_counts_from_flagged_elements_equal_counting_every_id(x, n_experts, 
     expected = selection.count_ids(selection.low_bucket_ids(base, experts, torch.tensor(buckets, dtype=torch.int32)),
                                    selection.LOW_BUCKETS)
     flags = selection.bracket_flags(base, experts, *selection.bucket_brackets(buckets, base.device))
-    flagged = selection.flagged_magnitudes(flags, base, experts, flat.numel())
+    _, flagged = selection.flagged_magnitudes(flags, base, experts, flat.numel())
     assert torch.equal(selection.low_counts_of_flagged(flagged, buckets), expected)

@@ -88,10 +88,12 @@ def resolve(high: torch.Tensor, bucket: int, low: torch.Tensor, k: int) -> Order
 @dataclass(frozen=True)
 class TrimRule:
     """Which |τ| survive trimming: all |τ| > threshold, and of those equal to it the first
-    ``tie_quota`` in flat index order (``None``: every tied value is kept)."""
+    ``tie_quota`` in flat index order (``None``: every tied value is kept). ``tie_cut``: the flat
+    index of the last tie kept, when the selection saw where the ties lie (else the merge counts them)."""
 
     threshold: float
     tie_quota: int | None
+    tie_cut: int | None = None
 
     @classmethod
     def keep_all(cls) -> "TrimRule":
@@ -107,10 +109,13 @@ def top_n_rule(high: torch.Tensor, bucket: int, low: torch.Tensor, n_keep: int) 
     return keep_rule(resolve(high, bucket, low, int(high.sum()) - n_keep + 1), n_keep)
 
 
-def keep_rule(stat: OrderStatistic, n_keep: int) -> TrimRule:
-    """The rule keeping the ``n_keep`` largest values, given the (numel − n_keep + 1)-th smallest."""
+def keep_rule(stat: OrderStatistic, n_keep: int, tied_at=None) -> TrimRule:
+    """The rule keeping the ``n_keep`` largest values, given the (numel − n_keep + 1)-th smallest;
+    ``tied_at`` (optional): the flat indices, ascending, of the values equal to it."""
     quota = n_keep - stat.n_above
-    return TrimRule(stat.value, None if quota >= stat.n_equal else quota)
+    if quota >= stat.n_equal:
+        return TrimRule(stat.value, None)
+    return TrimRule(stat.value, quota, None if tied_at is None else int(tied_at[quota - 1]))
 
 
 BRACKET_SAMPLE = 1 << 16  # |τ| sampled per expert to bracket its k-th value
@@ -171,13 +176,13 @@ def bracket_flags(base, experts, lo, hi) -> torch.Tensor:
     return inside.to(torch.int32)
 
 
-def flagged_magnitudes(flags, base, experts, limit: int) -> torch.Tensor | None:
-    """[T, U] float32: every expert's |τ| at the U flagged elements, as the kernels compute it;
-    None when more than ``limit`` are flagged."""
+def flagged_magnitudes(flags, base, experts, limit: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(the U flagged indices, ascending; [T, U] float32: every expert's |τ| there, as the kernels
+    compute it); None when more than ``limit`` are flagged."""
     index = flags.nonzero().squeeze(1)
     if index.numel() > limit:
         return None
-    return (experts.index_select(1, index).float() - base.index_select(0, index).float()).abs()
+    return index, (experts.index_select(1, index).float() - base.index_select(0, index).float()).abs()
 
 
 def bucket_brackets(buckets: list[int], device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -215,17 +220,18 @@ def bracketed_statistic(flagged: torch.Tensor, below: int, at_most_hi: int, lo: 
 
 
 class BracketedSelection:
-    """Per expert, the exact k-th smallest |τ| of one tensor from a single pass over its chunks
-    (``add`` each in order, then ``statistics``): a sample of the first chunk brackets it, one fused
-    scan per chunk counts and flags, the flagged |τ| are kept. It gives up (``add`` returns False,
-    ``statistics`` None) when more elements are flagged than one chunk holds (their |τ| would
+    """Per expert, the exact trim rule of one tensor from a single pass over its chunks (``add``
+    each in order, then ``rules``): a sample of the first chunk brackets each k-th |τ|, one fused
+    scan per chunk counts and flags, the flagged |τ| and their indices are kept (the ties at the
+    threshold are among them, so the rule knows its ``tie_cut``). It gives up (``add`` returns
+    False, ``rules`` None) when more elements are flagged than one chunk holds (their |τ| would
     outgrow the memory the chunk's merge is planned with) or a bracket missed; the histograms
     decide then."""
 
     def __init__(self, ks: list[int | None], numel: int, row_elements: int, run):
         self.ks, self.numel, self.row_elements, self.run = ks, numel, row_elements, run  # run: Compiler.run
         self.lo = self.hi = self.limit = None
-        self.counts, self.flagged = 0, []
+        self.counts, self.offset, self.index, self.flagged = 0, 0, [], []
 
     def add(self, base, experts, flags) -> bool:
         """Scan one chunk (``flags``: an [N] int32 buffer to use); False when too much is flagged."""
@@ -233,24 +239,33 @@ class BracketedSelection:
             self.lo, self.hi = sample_bracket(base, experts, self.ks, self.numel, self.row_elements)
             self.limit = base.numel()
         self.counts = self.counts + self.run(bracket_scan, flags, base, experts, self.lo, self.hi, numel=experts.numel())
-        flagged = flagged_magnitudes(flags, base, experts, self.limit)
-        if flagged is None:
+        found = flagged_magnitudes(flags, base, experts, self.limit)
+        if found is None:
             self.limit = -1
             return False
-        self.limit -= flagged.shape[1]
-        self.flagged.append(flagged)
+        self.index.append(found[0] + self.offset)
+        self.flagged.append(found[1])
+        self.limit -= found[0].numel()
+        self.offset += base.numel()
         return True
 
-    def statistics(self) -> list[OrderStatistic | None] | None:
-        """Per expert its ``OrderStatistic`` (None where k is None); None when a bracket missed."""
+    def rules(self, n_keep: list[int]) -> list[TrimRule] | None:
+        """Per expert the rule keeping its ``n_keep`` largest |τ| (keep-all where k is None); None
+        when a bracket missed."""
         if self.limit is None or self.limit < 0:
             return None
-        flagged, (below, at_most_hi) = torch.cat(self.flagged, 1), self.counts.tolist()
-        lo, hi = self.lo.tolist(), self.hi.tolist()
-        stats = [None if k is None else bracketed_statistic(flagged[t], below[t], at_most_hi[t], lo[t], hi[t], k,
-                                                            self.numel)
-                 for t, k in enumerate(self.ks)]
-        return None if any(s is None and k is not None for s, k in zip(stats, self.ks)) else stats
+        index, flagged, (below, at_most_hi) = torch.cat(self.index), torch.cat(self.flagged, 1), self.counts.tolist()
+        rules = []
+        for t, (k, lo, hi) in enumerate(zip(self.ks, self.lo.tolist(), self.hi.tolist())):
+            if k is None:
+                rules.append(TrimRule.keep_all())
+                continue
+            stat = bracketed_statistic(flagged[t], below[t], at_most_hi[t], lo, hi, k, self.numel)
+            if stat is None:
+                return None
+            tied_at = index[flagged[t] == stat.value] if lo < hi else None  # lo = hi: no element was flagged
+            rules.append(keep_rule(stat, n_keep[t], tied_at))
+        return rules
 
 
 def keep_count(numel: int, density: float) -> int:

@@ -15,29 +15,34 @@ from workers.tensor_io import rows_of
 
 
 class TrimCuts:
-    """Per-chunk ``thr`` / ``cut`` tensors for the kernels, carrying tie counts across chunks.
+    """Per-chunk ``thr`` / ``cut`` tensors for the kernels, chunk by chunk in order.
 
-    Only rules with a tie quota look at the data; a quota at threshold 0 needs no cut either,
-    since a zero τ contributes nothing whichever way it is trimmed."""
+    Only rules with a tie quota look at the data, and only those whose ``tie_cut`` the selection
+    did not find: they count the ties of each chunk and carry the count. A quota at threshold 0
+    needs no cut either, since a zero τ contributes nothing whichever way it is trimmed."""
 
     def __init__(self, ctx, rules: list[TrimRule]):
         self.ctx, self.rules = ctx, rules
         self.thr = ctx.vector([r.threshold for r in rules])
         self._quota = [r.tie_quota is not None and r.threshold > 0 for r in rules]
+        self._counted = [q and r.tie_cut is None for q, r in zip(self._quota, rules)]
         self._ties_before = [0] * len(rules)
+        self._offset = 0  # flat index of the chunk's first element
 
     def for_chunk(self, base, experts) -> torch.Tensor:
-        cuts = [ties.ALL_TIES] * len(self.rules)
-        if any(self._quota):
+        cuts = [r.tie_cut - self._offset if q and not c else ties.ALL_TIES
+                for r, q, c in zip(self.rules, self._quota, self._counted)]
+        if any(self._counted):
             counts = self.ctx.compiler.run(ties.tied_block_counts, base, experts, self.thr, numel=experts.numel())
             for t, rule in enumerate(self.rules):
-                if self._quota[t]:
+                if self._counted[t]:
                     def block_mask(block: int, t=t) -> torch.Tensor:
                         span = slice(block * ties.TIE_BLOCK, (block + 1) * ties.TIE_BLOCK)
                         return ties.tied_mask(base[span], experts[t:t + 1, span], self.thr[t:t + 1])[0]
 
                     cuts[t], n_tied = ties.tie_cut(counts[t], rule, self._ties_before[t], block_mask)
                     self._ties_before[t] += n_tied
+        self._offset += base.numel()
         return self.ctx.vector(cuts, torch.int64)
 
 
@@ -68,15 +73,15 @@ def low_counts(ctx, base, experts, buckets: list[int]) -> torch.Tensor:
         ctx.compiler.run_into(selection.bracket_flags, flags, base, experts, *brackets, numel=experts.numel())
         flagged = selection.flagged_magnitudes(flags, base, experts, base.numel() // 4)
         if flagged is not None:
-            return selection.low_counts_of_flagged(flagged, buckets)
+            return selection.low_counts_of_flagged(flagged[1], buckets)
     ids = ctx.buffer(("ids",), experts.shape, torch.int32)
     ctx.compiler.run_into(selection.low_bucket_ids, ids, base, experts, ctx.vector(buckets, torch.int32),
                           numel=experts.numel())
     return selection.count_ids(ids, selection.LOW_BUCKETS)
 
 
-def bracketed_statistics(ctx, inputs, ks: list[int | None]) -> list | None:
-    """Per expert, the k-th smallest |τ| of the tensor (None where k is None) in one pass over its
+def bracketed_rules(ctx, inputs, ks: list[int | None], n_keep: list[int]) -> list[TrimRule] | None:
+    """Per expert, the rule keeping its ``n_keep`` largest |τ| of the tensor, in one pass over its
     chunks (``selection.BracketedSelection``); None when the histograms must decide."""
     numel = math.prod(inputs.task.shape)
     selected = selection.BracketedSelection(ks, numel, max(1, numel // rows_of(inputs.task.shape)), ctx.compiler.run)
@@ -86,7 +91,7 @@ def bracketed_statistics(ctx, inputs, ks: list[int | None]) -> list | None:
             if not selected.add(base, experts, ctx.buffer(("flags",), base.shape, torch.int32)):
                 return None
     with ctx.timer.track("kernel"):
-        return selected.statistics()
+        return selected.rules(n_keep)
 
 
 def sign_sum(ctx, inputs, rules: list[TrimRule], weights: torch.Tensor, sign_by_count: bool) -> int:
@@ -119,10 +124,9 @@ def top_n_rules(ctx, inputs, n_keep: list[int]) -> list[TrimRule]:
     if any(n <= 0 for n in n_keep):
         raise ValueError("top_n_rules keeps at least one element per expert")
     if numel >= selection.BRACKET_MIN_ELEMENTS:
-        stats = bracketed_statistics(ctx, inputs, ks)
-        if stats is not None:
-            return [selection.keep_rule(stat, n) if stat is not None else TrimRule.keep_all()
-                    for stat, n in zip(stats, n_keep)]
+        rules = bracketed_rules(ctx, inputs, ks, n_keep)
+        if rules is not None:
+            return rules
     highs = histograms(ctx, inputs, None).cpu()
     buckets = [selection.locate(h, k)[0] if k is not None else -1 for h, k in zip(highs, ks)]
     lows = histograms(ctx, inputs, buckets).cpu()
