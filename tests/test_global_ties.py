@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from manifests.verify import verify_output
 from pipeline.config import load_config
 from pipeline.coordinator import run_merge
 from pipeline.samples import write_model
+from workers.kernels import selection
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -58,8 +60,12 @@ def _run(base_dir, expert_dirs, out, density, shards, **params):
     return run_merge(config, progress=False)
 
 
-@pytest.mark.parametrize("density", [0.2, 1.0, 0.001])
-def test_global_matches_flattened_reference(tmp_path, density):
+@pytest.mark.parametrize("density, bracket", [(0.2, "sampled"), (1.0, "sampled"), (0.001, "sampled"), (0.2, "missed")])
+def test_global_matches_flattened_reference(tmp_path, monkeypatch, density, bracket):
+    """Any shard count and chunking; the threshold from the sampled bracket, or (a bracket that
+    misses) from the two histogram passes, is the same float."""
+    if bracket == "missed":  # [∞, ∞] holds no |τ|: every model falls back to the histograms
+        monkeypatch.setattr(selection, "sample_quantile_bracket", lambda *args: (math.inf, math.inf))
     base_dir, expert_dirs, base, experts = make_models(tmp_path / "in", n_experts=3, seed=7)
     names = [n for n, t in base.items() if t.is_floating_point()]
     expected, thresholds = paper_ties(base, experts, names, density, 1.3)
@@ -69,6 +75,8 @@ def test_global_matches_flattened_reference(tmp_path, density):
         manifest = _run(base_dir, expert_dirs, out, density, shards)
         record = manifest.extra["global_trim"]
         assert [e["threshold"] for e in record["experts"]] == (thresholds or [0.0] * 3)
+        # full reads: threshold pass(es), Σγ (majority), merge
+        assert record["input_reads"] == (2 if density == 1.0 else 3 if bracket == "sampled" else 5)
         assert record["experts"][0]["d"] == sum(base[n].numel() for n in names)
         merged = read_output(out)
         for n in names:

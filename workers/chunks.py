@@ -187,6 +187,13 @@ class MergeInputs:
         """(base rows or None, experts [T, N]) of one row chunk, on the task's device."""
         if len(self.ranges) == 1 and self._cached is not None:
             return self._cached
+        loaded = self.load_block(rows)
+        if len(self.ranges) == 1:
+            self._cached = loaded
+        return loaded
+
+    def load_block(self, rows):
+        """``load`` for any row range (a sample's few rows): read afresh, never kept."""
         split = 1 if self.uses_base else 0
         loaded_rows = [self.ctx.chunks.stacked(*read) for read in self._reads(rows)]
         base_rows, experts = (loaded_rows[0], loaded_rows[1]) if split else (None, loaded_rows[0])

@@ -132,17 +132,9 @@ def sample_bracket(base, experts, ks: list[int | None], numel: int, row_elements
     while math.gcd(step, row_elements) != 1:
         step += 1
     sample = (experts[:, ::step].float() - base[::step].float()).abs().sort(1).values
-    m = sample.shape[1]
-    lo, hi = [math.inf] * len(ks), [-math.inf] * len(ks)
-    for t, k in enumerate(ks):
-        if k is None:
-            continue
-        p = (k - 0.5) / numel
-        half = BRACKET_SIGMAS * math.sqrt(p * (1 - p) / m) + 1 / m
-        first, last = math.floor((p - half) * m), math.ceil((p + half) * m)
-        lo[t] = 0.0 if first < 0 else float(sample[t, first])
-        hi[t] = math.inf if last >= m else float(sample[t, last])
-    return torch.tensor(lo, device=base.device), torch.tensor(hi, device=base.device)
+    brackets = [(math.inf, -math.inf) if k is None else sample_quantile_bracket(sample[t], k, numel, BRACKET_SIGMAS)
+                for t, k in enumerate(ks)]
+    return tuple(torch.tensor(bounds, device=base.device) for bounds in zip(*brackets))
 
 
 def _in_bracket(magnitude, lo, hi):
@@ -217,6 +209,42 @@ def bracketed_statistic(flagged: torch.Tensor, below: int, at_most_hi: int, lo: 
     n_below = below + int((inside < value).sum())
     n_equal = int((inside == value).sum())
     return OrderStatistic(value.item(), n_below, n_equal, numel - n_below - n_equal)
+
+
+def tally(values: torch.Tensor, counts: torch.Tensor, more: torch.Tensor, more_counts: torch.Tensor | None = None):
+    """(distinct, counts): a tally of non-negative float32 values as int32 bits (ascending) with
+    their counts, with the values ``more`` (int32 bits; ``more_counts`` of each, else one) added."""
+    distinct, where = torch.unique(torch.cat([values, more]), return_inverse=True)
+    if more_counts is None:
+        more_counts = torch.ones(more.numel(), dtype=torch.int64, device=counts.device)
+    return distinct, torch.zeros(distinct.numel(), dtype=torch.int64, device=counts.device).index_add_(
+        0, where, torch.cat([counts, more_counts]))
+
+
+def tallied_statistic(values: torch.Tensor, counts: torch.Tensor, below: int, at_most_hi: int, lo: float,
+                      hi: float, k: int, numel: int) -> OrderStatistic | None:
+    """``bracketed_statistic`` from a ``tally`` of the values inside [lo, hi] instead of the values."""
+    if not below < k <= at_most_hi:
+        return None
+    if lo == hi:
+        return OrderStatistic(lo, below, at_most_hi - below, numel - at_most_hi)
+    cumulative = counts.cumsum(0)
+    at = int(torch.searchsorted(cumulative, torch.tensor(k - below, dtype=cumulative.dtype)))
+    n_below = below + (int(cumulative[at - 1]) if at else 0)
+    n_equal = int(counts[at])
+    value = values[at:at + 1].view(torch.float32).item()
+    return OrderStatistic(value, n_below, n_equal, numel - n_below - n_equal)
+
+
+def sample_quantile_bracket(sample: torch.Tensor, k: int, numel: int, sigmas: float) -> tuple[float, float]:
+    """[lo, hi] around the k-th smallest of ``numel`` values, from a sorted ``sample`` of them:
+    the sample's values ``sigmas`` standard errors of its quantile either side (lo = 0 and hi = ∞
+    where that falls off the sample)."""
+    m = sample.numel()
+    p = (k - 0.5) / numel
+    half = sigmas * math.sqrt(p * (1 - p) / m) + 1 / m
+    first, last = math.floor((p - half) * m), math.ceil((p + half) * m)
+    return (0.0 if first < 0 else float(sample[first])), (math.inf if last >= m else float(sample[last]))
 
 
 class BracketedSelection:
