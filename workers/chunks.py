@@ -203,10 +203,7 @@ class MergeInputs:
                 if base_rows is not None:
                     self._check(base_rows, self.task.inputs[:split], rows)
                 self._check(experts, self.task.inputs[split:], rows)
-        loaded = (base_rows[0] if base_rows is not None else None, experts)
-        if len(self.ranges) == 1:
-            self._cached = loaded
-        return loaded
+        return base_rows[0] if base_rows is not None else None, experts
 
     def merged_buffer(self, experts: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """Where a merged chunk is written: reused, so valid only until the next chunk is merged."""
