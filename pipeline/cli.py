@@ -32,17 +32,25 @@ class CommandError(Exception):
     """A command could not run; the message is complete (it names the URL) and is printed as it is."""
 
 
-def _cmd_run(args) -> int:
+def _while_ray_starts(args, work, *work_args):
+    """``work(*work_args)``; in the command (``args.ray_first``) in a thread while this (main) thread
+    starts or joins Ray (ray.init hangs in any other thread): the imports of the pipeline and torch
+    and the config, ~1.5 s here, no longer wait for Ray's ~3 s. ``main()`` called in a process of
+    its own keeps the order: a bad config or input fails before any Ray starts."""
+    if not args.ray_first:
+        return work(*work_args)
     from pipeline.ray_watchdog import connect_ray
 
+    with ThreadPoolExecutor(max_workers=1) as background:
+        done = background.submit(work, *work_args)
+        connect_ray(getattr(args, "address", None))
+        return done.result()
+
+
+def _cmd_run(args) -> int:
     if args.out and args.output and args.out != args.output:
         raise ValueError(f"two outputs given: {args.out} (positional) and --output {args.output}; give one")
-    # Ray starts (ray.init runs in the main thread only) while a thread imports the pipeline and torch
-    # and loads the config: the two take ~3 s and ~1.5 s here, one after the other before
-    with ThreadPoolExecutor(max_workers=1) as background:
-        loading = background.submit(_load_run_config, args.config)
-        connect_ray(args.address)
-        config = loading.result()
+    config = _while_ray_starts(args, _load_run_config, args.config)
     from pipeline.coordinator import run_merge
 
     manifest = run_merge(config, output_url=args.out or args.output, address=args.address,
@@ -168,10 +176,6 @@ def demo_workdir(output: str | Path, workdir: str | Path | None = None) -> Path:
 
 
 def _cmd_demo(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.coordinator import run_merge
-    from pipeline.samples import ensure_sample_models, write_if_changed
-
     output = args.output or ("out/demo-twin" if args.twin else "out/demo")
     work = demo_workdir(output, args.workdir)
     if args.twin:
@@ -179,6 +183,21 @@ def _cmd_demo(args) -> int:
 
         print(json.dumps(run_twin_demo(output, work, overwrite=args.overwrite, progress=not args.no_progress), indent=2))
         return 0
+    config_path, n_experts = _while_ray_starts(args, _demo_config, output, work)
+    print(f"sample base + {n_experts} experts in {work / 'models'}; config {config_path}")
+    from pipeline.config import load_config
+    from pipeline.coordinator import run_merge
+
+    manifest = run_merge(load_config(config_path), overwrite=args.overwrite, progress=not args.no_progress)
+    print(json.dumps(_summary(manifest), indent=2))
+    return 0
+
+
+def _demo_config(output: str, work: Path) -> tuple[Path, int]:
+    """The demo's merge.yaml in ``work`` over its sample models, and the number of experts."""
+    import pipeline.coordinator  # noqa: F401  (the run's modules, while Ray starts)
+    from pipeline.samples import ensure_sample_models, write_if_changed
+
     # built once (seed 0) and then reused as they are, with the same config: a rerun on a complete
     # output is a no-op, on a partial one it resumes
     base, experts = ensure_sample_models(work / "models", n_experts=3, seed=0)
@@ -188,11 +207,7 @@ def _cmd_demo(args) -> int:
         "parameters": {"normalize": True, "lambda": 1.0}, "dtype": "bfloat16",
         "output": str(Path(output).resolve()), "shards": 4,
     }
-    config_path = write_if_changed(work / "merge.yaml", yaml.safe_dump(config, sort_keys=False))
-    print(f"sample base + {len(experts)} experts in {work / 'models'}; config {config_path}")
-    manifest = run_merge(load_config(config_path), overwrite=args.overwrite, progress=not args.no_progress)
-    print(json.dumps(_summary(manifest), indent=2))
-    return 0
+    return write_if_changed(work / "merge.yaml", yaml.safe_dump(config, sort_keys=False)), len(experts)
 
 
 def _cmd_twin_train_router(args) -> int:
@@ -376,8 +391,11 @@ def _interrupted_message(args) -> str:
     return "interrupted."
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, ray_first: bool = False) -> int:
+    """Run one command; ``ray_first``: the command's own process, where `run` and `demo` start Ray
+    while they import and load the config (``console_main``)."""
     args = build_parser().parse_args(argv)
+    args.ray_first = ray_first
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -397,7 +415,7 @@ def console_main() -> None:
     exits at once instead of waiting for Ray's shutdown (1.5–2.5 s here): everything the command
     wrote is committed by then, and the watchdog reaps the embedded Ray's processes within seconds
     (pipeline/ray_watchdog.py)."""
-    code = main()
+    code = main(ray_first=True)
     if _runs_embedded_ray():
         sys.stdout.flush()
         sys.stderr.flush()

@@ -245,7 +245,7 @@ def test_exit_codes_are_in_the_help(capsys):
 
 @pytest.mark.parametrize("extra, hint", [([], "Rerun the same command to resume"),
                                          (["--overwrite"], "Rerun the same command without --overwrite to resume")])
-def test_interrupted_run_is_130_with_one_line(tmp_path, ray_local, monkeypatch, capsys, extra, hint):
+def test_interrupted_run_is_130_with_one_line(tmp_path, monkeypatch, capsys, extra, hint):
     config = _config_file(tmp_path)
 
     def interrupted(*args, **kwargs):
@@ -266,10 +266,29 @@ def test_interrupted_verify_is_130(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == "mergefleet: interrupted.\n"
 
 
+def test_the_command_loads_its_config_while_ray_starts(tmp_path, monkeypatch, capsys):
+    """In the command's own process (``ray_first``, as console_main runs it) `run` starts Ray in the
+    main thread while another thread loads the config; main() called in-process starts no Ray first."""
+    import threading
+
+    import pipeline.ray_watchdog
+
+    seen = {}
+    load = cli._load_run_config
+    monkeypatch.setattr(pipeline.ray_watchdog, "connect_ray", lambda address: seen.update(ray=threading.current_thread()))
+    monkeypatch.setattr(cli, "_load_run_config", lambda path: seen.update(config=threading.current_thread()) or load(path))
+    monkeypatch.setattr(pipeline.coordinator, "run_merge", lambda *a, **k: (_ for _ in ()).throw(ValueError("stop")))
+    config = _config_file(tmp_path)
+    assert main(["run", str(config), "--no-progress"]) == 2 and "ray" not in seen
+    assert main(["run", str(config), "--no-progress"], ray_first=True) == 2
+    assert capsys.readouterr().err == "mergefleet: error: stop\n" * 2
+    assert seen["ray"] is threading.main_thread() and seen["config"] is not threading.main_thread()
+
+
 # -- 5. other errors reaching main -------------------------------------------------------------------------
 
 
-def test_config_error_prints_as_before(tmp_path, ray_local, capsys):
+def test_config_error_prints_as_before(tmp_path, capsys):
     path = _write_config(tmp_path, {"merge_method": "ties", "models": [{"model": "/x"}], "densty": 0.5})
     with pytest.raises(ValueError) as expected:
         load_config(path)
@@ -277,7 +296,7 @@ def test_config_error_prints_as_before(tmp_path, ray_local, capsys):
     assert capsys.readouterr().err == f"mergefleet: error: {expected.value}\n"
 
 
-def test_pydantic_and_value_errors_print_their_text(tmp_path, ray_local, monkeypatch, capsys):
+def test_pydantic_and_value_errors_print_their_text(tmp_path, monkeypatch, capsys):
     import pydantic
 
     with pytest.raises(pydantic.ValidationError) as validation:
@@ -289,7 +308,7 @@ def test_pydantic_and_value_errors_print_their_text(tmp_path, ray_local, monkeyp
         assert capsys.readouterr().err == f"mergefleet: error: {error}\n"
 
 
-def test_other_exception_types_in_run_are_exit_2_with_their_type(tmp_path, ray_local, monkeypatch, capsys):
+def test_other_exception_types_in_run_are_exit_2_with_their_type(tmp_path, monkeypatch, capsys):
     config = _config_file(tmp_path)
     for error, line in ((KeyError("lm_head.weight"), "KeyError: 'lm_head.weight'"),
                         (TypeError("unsupported operand"), "TypeError: unsupported operand"),
