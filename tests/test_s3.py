@@ -3,6 +3,7 @@ in what is published, the conditional manifest put, a missing bucket, retried re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -20,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.coordinator import run_merge
 from pipeline.planner import build_plan
 from workers import storage, tensor_io
-from workers.tensor_io import CheckpointError, RangeReader, resolve_model
+from workers.tensor_io import BackgroundUpload, CheckpointError, RangeReader, ShardWriter, resolve_model
 
 pytestmark = pytest.mark.usefixtures("s3_server", "ray_local")  # the server first: Ray's workers take its env
 
@@ -176,3 +177,38 @@ def test_large_reads_are_chunked_and_retried(s3_server, tmp_path, monkeypatch):
     assert torch.equal(out.view(info.shape), expected)
     assert all(end - start <= 100 for start, end in calls)
     assert len(calls) == 1 + -(-info.nbytes // 100)  # one retry, then every chunk once
+
+
+def test_shard_writer_uploads_whole_parts(s3_server, monkeypatch):
+    """A shard larger than a part goes up as a multipart upload, part by part on a thread; the
+    object holds exactly the bytes written, in order."""
+    monkeypatch.setattr(tensor_io, "REMOTE_PART_BYTES", 5 * 1024 * 1024)  # S3's smallest part but the last
+    fs = s3_server.filesystem()
+    fs.mkdir("mf-parts")
+    a, b = torch.arange(3 * 1024 * 1024, dtype=torch.float32), torch.randn(1000)
+    writer = ShardWriter("s3://mf-parts/run/model.safetensors", [("a", "F32", tuple(a.shape)), ("b", "F32", (1000,))])
+    for chunk in a.split(700_000):
+        writer.write("a", chunk)
+    writer.write("b", b)
+    sha = writer.close()
+    data = fs.cat_file("mf-parts/run/model.safetensors")
+    assert hashlib.sha256(data).hexdigest() == sha
+    assert fs.info("mf-parts/run/model.safetensors")["ETag"].strip('"').endswith("-3")  # three parts
+    loaded = load(data)
+    assert torch.equal(loaded["a"], a) and torch.equal(loaded["b"], b)
+
+
+def test_background_upload_error_is_raised(monkeypatch):
+    """A part that fails to upload on the thread fails the writer's next call."""
+    class FailingFile:
+        def write(self, data):
+            raise ConnectionResetError("simulated upload failure")
+
+        def close(self):
+            raise AssertionError("a failed upload is never completed")
+
+    monkeypatch.setattr(tensor_io, "REMOTE_PART_BYTES", 4)
+    upload = BackgroundUpload(FailingFile())
+    upload.write(b"123456")  # one whole part goes to the thread
+    with pytest.raises(ConnectionResetError, match="simulated"):
+        upload.close()
