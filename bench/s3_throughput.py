@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -259,7 +260,8 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     base, experts = build_inputs(workdir, args)
-    server = start_s3_server(Path(tempfile.mkdtemp(prefix="seaweedfs", dir=workdir)) / "data")
+    server_dir = Path(tempfile.mkdtemp(prefix="seaweedfs", dir=workdir))  # removed at the end: several GB
+    server = start_s3_server(server_dir / "data")
     os.environ.update(server.env())  # before the cluster starts: its workers take the driver's environment
     cluster = two_node_cluster("mfs3")
     try:
@@ -276,6 +278,7 @@ def main() -> int:
         ray.shutdown()
         cluster.shutdown()
         server.stop()
+        shutil.rmtree(server_dir, ignore_errors=True)
     result = {"rows": rows, "sweep": swept, "upload_s": round(upload_s, 2), "nodes": 2,
               "model": {k: getattr(args, k) for k in ("hidden", "layers", "intermediate", "vocab", "experts")}}
     print(json.dumps(result, indent=1))
