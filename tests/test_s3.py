@@ -3,6 +3,7 @@ in what is published, the conditional manifest put, a missing bucket, retried re
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -212,3 +213,33 @@ def test_background_upload_error_is_raised(monkeypatch):
     upload.write(b"123456")  # one whole part goes to the thread
     with pytest.raises(ConnectionResetError, match="simulated"):
         upload.close()
+
+
+@pytest.mark.parametrize("store", ["s3", "local"])
+def test_an_unfinished_shard_publishes_nothing(s3_server, tmp_path, monkeypatch, store):
+    """A shard closed with a tensor missing (or discarded by a failed task) after parts went up
+    leaves nothing at its URL: the upload is aborted, not completed with what it had, and an older
+    object at that key is untouched; a partial local file is removed."""
+    monkeypatch.setattr(tensor_io, "REMOTE_PART_BYTES", 5 * 1024 * 1024)
+    fs = s3_server.filesystem()
+    if store == "s3":
+        fs.mkdir("mf-unfinished")
+        url = "s3://mf-unfinished/run/model.safetensors"
+        fs.pipe_file("mf-unfinished/run/model.safetensors", b"the older shard")
+    else:
+        url = str(tmp_path / "model.safetensors")
+    a = torch.arange(3 * 1024 * 1024, dtype=torch.float32)
+    for finish in ("close", "discard"):
+        writer = ShardWriter(url, [("a", "F32", tuple(a.shape)), ("b", "F32", (10,))])
+        writer.write("a", a)  # two parts uploaded, "b" never written
+        if finish == "close":
+            with pytest.raises(RuntimeError, match="closed after 1 of 2 tensors"):
+                writer.close()
+        else:
+            writer.discard()
+        del writer
+        gc.collect()  # the client's finaliser must not complete the upload either
+        if store == "s3":
+            assert fs.cat_file("mf-unfinished/run/model.safetensors") == b"the older shard"
+        else:
+            assert not (tmp_path / "model.safetensors").exists()

@@ -72,6 +72,7 @@ def run_shard(spec: ShardSpec) -> ShardResult:
                 extra_files, records = body.finish()
     except BaseException:
         LOG.exception("shard %d (%s) failed", spec.index, spec.file_name)
+        writer.discard()
         raise
     finally:
         chunks.close()

@@ -452,6 +452,13 @@ class BackgroundUpload:
         self._file.write(self._part)
         self._file.close()
 
+    def discard(self) -> None:
+        """Abort the upload: the object is never completed (an older one at its key stays as it was)."""
+        if self._upload is not None:
+            self._upload.join()
+        self._file.discard()
+        self._file.closed = True  # else the client's finaliser would complete the upload with what it has
+
 
 def _prod(shape: tuple[int, ...]) -> int:
     n = 1
@@ -502,6 +509,7 @@ class ShardWriter:
         if parent and parent != path:
             fs.makedirs(parent, exist_ok=True)
         file = fs.open(path, "wb", block_size=REMOTE_PART_BYTES)  # object stores: a multipart upload
+        self._fs, self._path, self._closed = fs, path, False
         self._file = file if is_local(fs) else BackgroundUpload(file)
         self._file_hash = hashlib.sha256(head)
         self._file.write(head)
@@ -534,9 +542,22 @@ class ShardWriter:
             self._tensor_hash = hashlib.sha256()
 
     def close(self) -> str:
-        """Finish the file; returns its sha256. Fails if any planned tensor is missing."""
+        """Finish the file; returns its sha256. Fails, publishing nothing, if any planned tensor is missing."""
         if self._index != len(self._entries):
-            self._file.close()
+            self.discard()
             raise RuntimeError(f"{self.url}: closed after {self._index} of {len(self._entries)} tensors")
         self._file.close()
+        self._closed = True
         return self._file_hash.hexdigest()
+
+    def discard(self) -> None:
+        """Give an unfinished file up (a failed task): nothing stays at its URL, neither a partial
+        local file nor a completed partial object. After ``close`` it does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if is_local(self._fs):
+            self._file.close()
+            self._fs.rm(self._path)
+        else:
+            self._file.discard()
