@@ -171,7 +171,7 @@ def run_as_typed(name: str, base: Path, experts: list[Path], out: Path, args) ->
     config_path = out.parent / f"mergefleet-{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     shutil.rmtree(out, ignore_errors=True)
-    load = os.getloadavg()[0]  # the machine's 1-minute load as the command starts
+    load = round(os.getloadavg()[0], 2)  # the machine's 1-minute load as the command starts
     launched = time.time()
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config_path), str(out), "--no-progress"],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,

@@ -3,12 +3,10 @@ completion marker live here, logic does not. A job is typed: merge a shard, or s
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-import torch
 
 from manifests.markers import write_marker
 from pipeline.resume import check_claim
@@ -48,9 +46,6 @@ class ScanShard:
 
 @ray.remote(max_retries=MAX_RETRIES)
 def _run_remote(job):
-    # the task's CPUs, as Ray sets OMP_NUM_THREADS before a task runs; torch, imported as the worker
-    # started (pipeline/ray_watchdog.py), sized its thread pool before that
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     try:
         return job.run()
     finally:

@@ -28,9 +28,6 @@ import psutil
 
 POLL_SECONDS = 1.0  # how often the descendants are listed while the coordinator runs
 GRACE_SECONDS = 3.0  # after the coordinator is gone: time for Ray's own shutdown before killing
-# what a shard task imports (torch, the methods): an embedded Ray's workers, started with it (one per
-# CPU), import it before taking work, so the first task does not pay for it after the command planned
-WORKER_MODULES = "pipeline.ray_tasks"
 
 
 def connect_ray(address: str | None = None) -> None:
@@ -44,7 +41,6 @@ def connect_ray(address: str | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_preload_python_modules", WORKER_MODULES)  # read by the raylet it starts
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
     subprocess.Popen([sys.executable, "-m", "pipeline.ray_watchdog", str(os.getpid())], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

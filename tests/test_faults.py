@@ -203,24 +203,3 @@ def test_the_command_exits_without_waiting_for_ray_and_leaves_nothing(tmp_path):
         assert _session_processes_gone(ray_tmp, within_s=20) == {}
     finally:
         _kill_session_processes(ray_tmp)
-
-
-def test_an_embedded_rays_workers_import_the_shard_task_as_they_start(tmp_path):
-    """The Ray that ``connect_ray`` starts has its workers import pipeline.ray_tasks (torch, the
-    methods) before they take work, so the command's first task does not pay for it after planning."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    script = ("import sys, ray\nfrom pipeline.ray_watchdog import connect_ray\nconnect_ray()\n"
-              "print(ray.get(ray.remote(lambda: 'workers.shard_task' in sys.modules).remote()))\nray.shutdown()\n")
-    ray_tmp = tempfile.mkdtemp(prefix="mfpreload", dir="/tmp")
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled"}
-    try:
-        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.split()[-1] == "True"
-        assert _session_processes_gone(ray_tmp, within_s=20) == {}
-    finally:
-        _kill_session_processes(ray_tmp)
