@@ -31,17 +31,20 @@ GRACE_SECONDS = 3.0  # after the coordinator is gone: time for Ray's own shutdow
 
 
 def connect_ray(address: str | None = None) -> None:
-    """Join a cluster at ``address``, or start an embedded local Ray (reused if already up), with a
-    watchdog that reaps its processes should this process die without shutting it down."""
+    """Join the cluster at ``address`` (else at RAY_ADDRESS, when set), or start an embedded Ray of
+    this process's own, with a watchdog that reaps its processes should this process die without
+    shutting it down. Never a cluster found on the machine: a bare ``ray.init()`` joins whichever
+    one the machine started last (/tmp/ray/ray_current_cluster: another user's, or a test's)."""
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     subprocess.Popen([sys.executable, "-m", "pipeline.ray_watchdog", str(os.getpid())], start_new_session=True,
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -39,6 +39,8 @@ def compiles(choice: str, merged_elements: int) -> bool:
     choice; "where_it_pays" asks this worker's node whether its inductor cache holds graphs."""
     if choice != "where_it_pays":
         return choice == "always"
+    if merged_elements < min(COMPILE_MIN_TASK_ELEMENTS.values()):  # without asking: that imports inductor (~0.85 s)
+        return False
     return merged_elements >= COMPILE_MIN_TASK_ELEMENTS["warm" if inductor_cache_is_warm() else "cold"]
 
 
