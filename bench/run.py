@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import load_config  # noqa: E402
 from pipeline.coordinator import connect_ray, run_merge  # noqa: E402
 from pipeline.samples import LLAMA_CONFIG, build_sample_models  # noqa: E402
+from workers.methods import REGISTRY  # noqa: E402
 
 METHODS = {
     "linear": {"merge_method": "linear"},
@@ -207,7 +208,8 @@ def main() -> int:
     add_model_arguments(parser)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--methods", "--method", nargs="+", default=list(METHODS),
-                        help=f"presets {list(METHODS)} or any registered method's name")
+                        help=f"presets {list(METHODS)}, any registered method's name, or all (the presets and "
+                             "every registered method)")
     parser.add_argument("--shards", type=int, default=None)
     parser.add_argument("--memory-budget", default="4GB")
     parser.add_argument("--repeat", type=int, default=1, help="runs per method (the fastest is reported)")
@@ -221,6 +223,8 @@ def main() -> int:
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
                         help="mergekit-yaml executable to compare with (default: the one on PATH, if any)")
     args = parser.parse_args()
+    if "all" in args.methods:  # twin has its own bench (bench/twin_factors.py)
+        args.methods = list(dict.fromkeys([*METHODS, *(name for name in REGISTRY if name != "twin")]))
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
