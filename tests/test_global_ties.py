@@ -14,6 +14,7 @@ from pipeline.config import load_config
 from pipeline.coordinator import run_merge
 from pipeline.samples import write_model
 from workers.kernels import selection
+from workers.methods import ties_global
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -60,12 +61,16 @@ def _run(base_dir, expert_dirs, out, density, shards, **params):
     return run_merge(config, progress=False)
 
 
-@pytest.mark.parametrize("density, bracket", [(0.2, "sampled"), (1.0, "sampled"), (0.001, "sampled"), (0.2, "missed")])
+@pytest.mark.parametrize("density, bracket", [(0.2, "sampled"), (1.0, "sampled"), (0.001, "sampled"), (0.2, "missed"),
+                                              (0.2, "too many values")])
 def test_global_matches_flattened_reference(tmp_path, monkeypatch, density, bracket):
     """Any shard count and chunking; the threshold from the sampled bracket, or (a bracket that
-    misses) from the two histogram passes, is the same float."""
+    misses, or a shard with more distinct values inside it than it tallies) from the two histogram
+    passes, is the same float."""
     if bracket == "missed":  # [∞, ∞] holds no |τ|: every model falls back to the histograms
         monkeypatch.setattr(selection, "sample_quantile_bracket", lambda *args: (math.inf, math.inf))
+    if bracket == "too many values":
+        monkeypatch.setattr(ties_global, "TALLY_LIMIT", 1)
     base_dir, expert_dirs, base, experts = make_models(tmp_path / "in", n_experts=3, seed=7)
     names = [n for n, t in base.items() if t.is_floating_point()]
     expected, thresholds = paper_ties(base, experts, names, density, 1.3)

@@ -44,6 +44,9 @@ class GlobalTrim:
 SAMPLE_ROW_SHARE = 256  # the sample reads a middle block of 1/256 of each tensor's rows
 SAMPLE_SIZE = 1 << 20  # about this many sampled |τ| per expert over the model
 SAMPLE_SIGMAS = 6  # the bracket's half-width in standard errors (a block of rows is not a uniform sample)
+# distinct |τ| a shard tallies per expert inside its bracket before it gives up (the histograms decide then):
+# bf16 experts hold few distinct values, but float32 ones can hold one per element (12 B each, to the coordinator)
+TALLY_LIMIT = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -68,19 +71,23 @@ class SampleScan:
 
 @dataclass(frozen=True)
 class BracketScan:
-    """Pass 1: per expert, the |τ| below its bracket's lo and at most its hi ([2, T]), then per
-    expert the distinct values inside [lo, hi] (float32 bits) and their counts."""
+    """Pass 1: per expert, the |τ| below its bracket's lo and at most its hi ([2, T]), whether the
+    shard gave up (more than ``limit`` distinct values inside some bracket), then per expert the
+    distinct values inside [lo, hi] (float32 bits) and their counts."""
 
     lo: tuple[float, ...]
     hi: tuple[float, ...]
+    limit: int = TALLY_LIMIT
 
     def initial(self) -> list:
         empty = [torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)]
-        return [torch.zeros(2, len(self.lo), dtype=torch.int64)] + empty * len(self.lo)
+        return [torch.zeros(2, len(self.lo), dtype=torch.int64), False] + empty * len(self.lo)
 
     def accumulate(self, ctx, inputs, totals: list) -> list:
+        counts, gave_up, tallies = totals[0], totals[1], totals[2:]
+        if gave_up:  # the result is of no use: read nothing more
+            return totals
         lo, hi = ctx.vector(self.lo), ctx.vector(self.hi)
-        counts, tallies = totals[0], totals[1:]
         for rows in inputs.ranges:
             base, experts = inputs.load(rows)
             with ctx.timer.track("kernel"):
@@ -91,7 +98,10 @@ class BracketScan:
                 for t, (low, high) in enumerate(zip(self.lo, self.hi)):
                     inside = flagged[t][(flagged[t] >= low) & (flagged[t] <= high)].cpu().view(torch.int32)
                     tallies[2 * t], tallies[2 * t + 1] = selection.tally(tallies[2 * t], tallies[2 * t + 1], inside)
-        return [counts, *tallies]
+                if max(t.numel() for t in tallies[::2]) > self.limit:
+                    empty = [torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)]
+                    return [counts, True] + empty * len(self.lo)
+        return [counts, False, *tallies]
 
 
 @dataclass(frozen=True)
@@ -185,13 +195,15 @@ def compute_global_trim(options, plan, run_scans) -> dict:
 
 def bracketed_statistics(scan, ks: list[int], d: int) -> list:
     """Per expert (k > 0) the k-th smallest |τ| of the model from the sample and one bracket pass;
-    None where the bracket missed it."""
+    None where the bracket missed it (everywhere when a shard gave up)."""
     stride = max(1, d // SAMPLE_ROW_SHARE // SAMPLE_SIZE)
     sample = torch.cat([torch.from_numpy(np.array(r.values[0])) for r in scan(SampleScan(len(ks), stride))], 1)
     sample = sample.sort(1).values
     lo, hi = zip(*[selection.sample_quantile_bracket(sample[t], k, d, SAMPLE_SIGMAS) if k > 0 and sample.shape[1]
                    else (math.inf, -math.inf) for t, k in enumerate(ks)])
-    found = scan(BracketScan(tuple(lo), tuple(hi)))
+    found = scan(BracketScan(tuple(lo), tuple(hi), TALLY_LIMIT))
+    if any(r.values[1] for r in found):
+        return [None] * len(ks)
     below, at_most_hi = _sum_arrays(found)
     stats = []
     for t, k in enumerate(ks):
@@ -200,8 +212,8 @@ def bracketed_statistics(scan, ks: list[int], d: int) -> list:
             continue
         values, counts = torch.tensor([], dtype=torch.int32), torch.tensor([], dtype=torch.int64)
         for r in found:
-            values, counts = selection.tally(values, counts, torch.from_numpy(np.array(r.values[1 + 2 * t])),
-                                             torch.from_numpy(np.array(r.values[2 + 2 * t])))
+            values, counts = selection.tally(values, counts, torch.from_numpy(np.array(r.values[2 + 2 * t])),
+                                             torch.from_numpy(np.array(r.values[3 + 2 * t])))
         stats.append(selection.tallied_statistic(values, counts, int(below[t]), int(at_most_hi[t]), lo[t], hi[t], k, d))
     return stats
 
