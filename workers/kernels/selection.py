@@ -137,35 +137,27 @@ def sample_bracket(base, experts, ks: list[int | None], numel: int, row_elements
     return tuple(torch.tensor(bounds, device=base.device) for bounds in zip(*brackets))
 
 
-def _in_bracket(magnitude, lo, hi):
-    return (magnitude >= lo) & (magnitude <= hi) & (lo < hi)
-
-
-def bracket_scan(flags, base, experts, lo, hi) -> torch.Tensor:
-    """One fused pass: ``flags`` [N] int32 := 1 where some expert's |τ| lies in its [lo, hi] (a
-    bracket of one value, lo = hi, flags nothing: its counts settle it), else 0; returns [2, T]
-    int64, per expert the |τ| below lo and those at most hi. Written per expert (1-d reductions,
-    an int32 store): compiled, the [T, N] form with bool reductions along a dimension ran 6x slower."""
-    b = base.float()
-    inside, below, at_most_hi = None, [], []
-    for t in range(experts.shape[0]):
-        magnitude = (experts[t].float() - b).abs()
-        flagged = _in_bracket(magnitude, lo[t], hi[t])
-        inside = flagged if inside is None else inside | flagged
-        below.append((magnitude < lo[t]).sum())
-        at_most_hi.append((magnitude <= hi[t]).sum())
-    flags.copy_(inside.to(torch.int32))
-    return torch.stack([torch.stack(below), torch.stack(at_most_hi)])
-
-
 def bracket_flags(base, experts, lo, hi) -> torch.Tensor:
-    """[N] int32: ``bracket_scan``'s flags alone."""
+    """[N] int32: 1 where some expert's |τ| lies in its [lo, hi] (a bracket of one value, lo = hi,
+    flags nothing: its counts settle it), else 0. Built per expert and stored as int32: compiled,
+    bool stores and reductions along a dimension of the [T, N] form ran 3-6x slower."""
     b = base.float()
     inside = None
     for t in range(experts.shape[0]):
-        flagged = _in_bracket((experts[t].float() - b).abs(), lo[t], hi[t])
+        magnitude = (experts[t].float() - b).abs()
+        flagged = (magnitude >= lo[t]) & (magnitude <= hi[t]) & (lo[t] < hi[t])
         inside = flagged if inside is None else inside | flagged
     return inside.to(torch.int32)
+
+
+def bracket_scan(flags, base, experts, lo, hi) -> torch.Tensor:
+    """One fused pass: ``flags`` := ``bracket_flags``; returns [2, T] int64, per expert the |τ|
+    below lo and those at most hi (1-d reductions per expert)."""
+    flags.copy_(bracket_flags(base, experts, lo, hi))
+    b = base.float()
+    magnitudes = [(experts[t].float() - b).abs() for t in range(experts.shape[0])]
+    return torch.stack([torch.stack([(m < lo[t]).sum() for t, m in enumerate(magnitudes)]),
+                        torch.stack([(m <= hi[t]).sum() for t, m in enumerate(magnitudes)])])
 
 
 def flagged_magnitudes(flags, base, experts, limit: int) -> tuple[torch.Tensor, torch.Tensor] | None:

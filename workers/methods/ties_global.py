@@ -99,8 +99,7 @@ class BracketScan:
                     inside = flagged[t][(flagged[t] >= low) & (flagged[t] <= high)].cpu().view(torch.int32)
                     tallies[2 * t], tallies[2 * t + 1] = selection.tally(tallies[2 * t], tallies[2 * t + 1], inside)
                 if max(t.numel() for t in tallies[::2]) > self.limit:
-                    empty = [torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)]
-                    return [counts, True] + empty * len(self.lo)
+                    return [counts, True, *self.initial()[2:]]
         return [counts, False, *tallies]
 
 
