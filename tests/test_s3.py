@@ -217,7 +217,7 @@ def test_background_upload_error_is_raised(monkeypatch):
 
 @pytest.mark.parametrize("store", ["s3", "local"])
 def test_an_unfinished_shard_publishes_nothing(s3_server, tmp_path, monkeypatch, store):
-    """A shard closed with a tensor missing (or discarded by a failed task) after parts went up
+    """A shard closed with a tensor missing (or discarded, or left by a failure) after parts went up
     leaves nothing at its URL: the upload is aborted, not completed with what it had, and an older
     object at that key is untouched; a partial local file is removed."""
     monkeypatch.setattr(tensor_io, "REMOTE_PART_BYTES", 5 * 1024 * 1024)
@@ -229,14 +229,17 @@ def test_an_unfinished_shard_publishes_nothing(s3_server, tmp_path, monkeypatch,
     else:
         url = str(tmp_path / "model.safetensors")
     a = torch.arange(3 * 1024 * 1024, dtype=torch.float32)
-    for finish in ("close", "discard"):
+    for finish in ("close", "discard", "a failure inside with"):
         writer = ShardWriter(url, [("a", "F32", tuple(a.shape)), ("b", "F32", (10,))])
         writer.write("a", a)  # two parts uploaded, "b" never written
         if finish == "close":
             with pytest.raises(RuntimeError, match="closed after 1 of 2 tensors"):
                 writer.close()
-        else:
+        elif finish == "discard":
             writer.discard()
+        else:
+            with pytest.raises(OSError, match="simulated"), writer:
+                raise OSError("simulated read failure")
         del writer
         gc.collect()  # the client's finaliser must not complete the upload either
         if store == "s3":

@@ -55,7 +55,7 @@ def run_shard(spec: ShardSpec) -> ShardResult:
     writer = ShardWriter(spec.output.join(spec.file_name), [(t.name, t.out_dtype, t.shape) for t in spec.tensors],
                          storage_options=spec.storage_options)
     try:
-        with PeakAnonMemory() as memory:
+        with PeakAnonMemory() as memory, writer:
             merged = [t for t in spec.tensors if t.action == "merge"]
             inputs = {t.name: _merge_inputs(ctx, spec, t, i % 2 if body.prefetch else 0) for i, t in enumerate(merged)}
             following = dict(zip([t.name for t in merged], [t.name for t in merged[1:]])) if body.prefetch else {}
@@ -72,7 +72,6 @@ def run_shard(spec: ShardSpec) -> ShardResult:
                 extra_files, records = body.finish()
     except BaseException:
         LOG.exception("shard %d (%s) failed", spec.index, spec.file_name)
-        writer.discard()
         raise
     finally:
         chunks.close()

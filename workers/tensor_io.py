@@ -550,6 +550,13 @@ class ShardWriter:
         self._closed = True
         return self._file_hash.hexdigest()
 
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:  # a failure before ``close``: publish nothing
+            self.discard()
+
     def discard(self) -> None:
         """Give an unfinished file up (a failed task): nothing stays at its URL, neither a partial
         local file nor a completed partial object. After ``close`` it does nothing."""

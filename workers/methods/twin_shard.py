@@ -154,19 +154,20 @@ class FactorFile:
 
     def close(self) -> tuple[str, int, tuple[WrittenTensor, ...]]:
         """Write the safetensors file; returns (sha256, size, tensors)."""
-        writer = ShardWriter(self.url, self._entries, storage_options=self._storage_options)
         self._spool.seek(0)
-        for name, dtype, shape in self._entries:
-            size = itemsize(dtype)
-            remaining = math.prod(shape) * size
-            if remaining == 0:
-                writer.write(name, torch.empty(0, dtype=DTYPES[dtype]))
-            while remaining:
-                block = self._spool.read(min(remaining, _COPY_BLOCK // size * size))
-                remaining -= len(block)
-                writer.write(name, torch.frombuffer(bytearray(block), dtype=DTYPES[dtype]))
+        with ShardWriter(self.url, self._entries, storage_options=self._storage_options) as writer:
+            for name, dtype, shape in self._entries:
+                size = itemsize(dtype)
+                remaining = math.prod(shape) * size
+                if remaining == 0:
+                    writer.write(name, torch.empty(0, dtype=DTYPES[dtype]))
+                while remaining:
+                    block = self._spool.read(min(remaining, _COPY_BLOCK // size * size))
+                    remaining -= len(block)
+                    writer.write(name, torch.frombuffer(bytearray(block), dtype=DTYPES[dtype]))
+            sha = writer.close()
         self._spool.close()
-        return writer.close(), writer.bytes_written, tuple(writer.results)
+        return sha, writer.bytes_written, tuple(writer.results)
 
 
 def _expert_rows(chunks: ChunkReader, info: TensorInfo, rows: tuple[int, int]) -> torch.Tensor:
