@@ -53,6 +53,18 @@ def inductor_cache_is_warm() -> bool:
     return os.path.isdir(graphs) and any(os.scandir(graphs))
 
 
+def trust_cpu_flags() -> None:
+    """Let inductor take the CPU's vector ISA from /proc/cpuinfo instead of test-building a program
+    with ATen's vector headers for each ISA (~6.5 s of a cold worker's first compile, 2 cores); the
+    small probes that choose the extra flags (AVX-512 BF16 / VNNI, AMX) still run. A toolchain that
+    cannot build for the CPU fails the first compile, and the task runs eagerly.
+    ``TORCHINDUCTOR_VEC_ISA_OK`` in the environment decides instead."""
+    if "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ:
+        from torch._inductor import config
+
+        config.cpp.vec_isa_ok = True
+
+
 class Compiler:
     """Runs kernels for one task: compiled for chunks of at least ``min_elements``, else eagerly."""
 
@@ -66,6 +78,7 @@ class Compiler:
         if self.enabled and numel >= self.min_elements:
             try:
                 if kernel not in self._compiled:
+                    trust_cpu_flags()
                     self._compiled[kernel] = torch.compile(kernel, dynamic=True)
                 return self._compiled[kernel](*map(_plain, args), **kwargs)
             except Exception as exc:  # no C++ compiler or Triton on this node: same math, eagerly
