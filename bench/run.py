@@ -160,10 +160,11 @@ def run_one(name: str, base: Path, experts: list[Path], out: Path, args) -> dict
             "shards": len(shards)}
 
 
-def run_as_typed(name: str, base: Path, experts: list[Path], out: Path, args) -> dict:
+def run_as_typed(name: str, base: Path, experts: list[Path], out: Path, args, compile_cache: str | None = None) -> dict:
     """``mergefleet run CONFIG OUT`` in a fresh process (its own embedded Ray), as a user types it;
     the wall time and where the fixed cost goes, from the manifest's wall-clock stamps (Unix
-    seconds) and manifest.json's mtime (the commit)."""
+    seconds) and manifest.json's mtime (the commit). ``compile_cache``: the inductor cache the
+    workers use (``TORCHINDUCTOR_CACHE_DIR``; default: the environment's)."""
     import yaml
 
     config = {**merge_yaml(name, base, experts), "memory_budget": args.memory_budget}
@@ -176,7 +177,8 @@ def run_as_typed(name: str, base: Path, experts: list[Path], out: Path, args) ->
     launched = time.time()
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config_path), str(out), "--no-progress"],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")})
+                          env={**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+                               **({"TORCHINDUCTOR_CACHE_DIR": compile_cache} if compile_cache else {})})
     exited = time.time()
     if proc.returncode:
         raise RuntimeError(f"mergefleet run failed: {proc.stderr[-2000:]}")
@@ -190,9 +192,34 @@ def run_as_typed(name: str, base: Path, experts: list[Path], out: Path, args) ->
     breakdown = {"command_to_ray_ready": clock["ray_ready"] - launched, "ray_ready_to_first_task": first_task - clock["ray_ready"],
                  "first_task_to_first_tensor": first_tensor - first_task, "last_shard_to_commit": committed - last_shard,
                  "commit_to_exit": exited - committed}
-    return {"tool": "mergefleet run (as typed)", "method": name, "wall_s": round(exited - launched, 3), "load_1m": load,
+    tool = "mergefleet run (as typed)" + (f", compile cache {compile_cache}" if compile_cache else "")
+    return {"tool": tool, "method": name, "wall_s": round(exited - launched, 3), "load_1m": load,
             "fixed_cost_s": round((first_tensor - launched) + (exited - last_shard), 3),
             "fixed_cost_breakdown_s": {k: round(v, 3) for k, v in breakdown.items()}}
+
+
+def run_cold_and_warm(name: str, base: Path, experts: list[Path], out: Path, args) -> list[dict]:
+    """The command as typed with an empty inductor cache (a fresh directory), then again with what
+    that run left in it; the cold row carries ``cold_over_warm``."""
+    cache = tempfile.mkdtemp(prefix="mergefleet-bench-inductor-")
+    try:
+        cold, warm = (run_as_typed(name, base, experts, out, args, cache) for _ in range(2))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    cold["tool"], warm["tool"] = "mergefleet run (as typed, cold compile cache)", "mergefleet run (as typed, then warm)"
+    cold["cold_over_warm"] = round(cold["wall_s"] / warm["wall_s"], 3)
+    return [cold, warm]
+
+
+def ratios(rows: list[dict]) -> dict:
+    """The ratios the performance goals are stated in, from this invocation's rows: TIES over linear
+    and global over per-tensor TIES (in Ray, best runs), and each cold run over its warm one."""
+    walls = {r["method"]: r["wall_s"] for r in rows if r["tool"] == "mergefleet"}
+    found = {f"{a}_over_{b}": round(walls[a] / walls[b], 3)
+             for a, b in [("ties", "linear"), ("ties_global", "ties"), ("task_arithmetic", "linear")]
+             if a in walls and b in walls}
+    found.update({f"{r['method']}_cold_over_warm": r["cold_over_warm"] for r in rows if "cold_over_warm" in r})
+    return found
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +246,9 @@ def main() -> int:
                         help="also time `mergefleet run CONFIG OUT` in a fresh process per method, with the fixed "
                              "cost's breakdown (command → Ray ready → first task → first tensor; last shard → "
                              "manifest committed → exit)")
+    parser.add_argument("--cold", action="store_true",
+                        help="also time the command as typed with an empty inductor cache, then warm with what it "
+                             "left there (the cold-start ratio)")
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
                         help="mergekit-yaml executable to compare with (default: the one on PATH, if any)")
@@ -237,6 +267,8 @@ def main() -> int:
     typed_runs = {name: min((run_as_typed(name, base, experts, workdir / f"typed-{name}", args)
                              for _ in range(args.repeat)), key=lambda r: r["wall_s"])
                   for name in (args.methods if args.as_typed else ())}
+    cold_runs = {name: run_cold_and_warm(name, base, experts, workdir / f"cold-{name}", args)
+                 for name in (args.methods if args.cold else ())}
     connect_ray(None)
     rows, references = [], {}
     for name in args.methods:
@@ -245,9 +277,9 @@ def main() -> int:
         rows.append(ours)
         print(json.dumps(ours), file=sys.stderr)
         typed = typed_runs.get(name)
-        if typed:
-            rows.append(typed)
-            print(json.dumps(typed), file=sys.stderr)
+        for row in filter(None, [typed, *cold_runs.get(name, ())]):
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
         mergekit_name = MERGEKIT_EQUIVALENT.get(name, name)
         if args.mergekit and mergekit_name in MERGEKIT_METHODS and mergekit_name not in references:
             references[mergekit_name] = run_mergekit(mergekit_name, base, experts, workdir / f"mergekit-{name}",
@@ -260,7 +292,7 @@ def main() -> int:
     report = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "inputs": {"hidden": args.hidden, "layers": args.layers, "experts": args.experts, "build_s": round(build_s, 1)},
-              "results": rows}
+              "results": rows, "ratios": ratios(rows)}
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
@@ -273,6 +305,7 @@ def main() -> int:
         print(f"| {r['tool']} | {r['method']} | {r['wall_s']} | {r.get('input_gb_per_s', '')} | {r.get('peak_rss_anon_gb')} | "
               f"{s.get('read', '')} | {s.get('convert', '')} | {s.get('kernel', '')} | {s.get('write', '')} | "
               f"{r.get('speedup_vs_mergekit', '')} |", file=sys.stderr)
+    print("\nratios: " + ", ".join(f"{k} {v}" for k, v in report["ratios"].items()), file=sys.stderr)
     return 0
 
 
