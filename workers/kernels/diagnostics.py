@@ -46,6 +46,12 @@ def row_gram(base, experts, out, half_bits: int) -> torch.Tensor:
                         for i, j in gram_pairs(merged) + [(merged, merged)]], -1)
 
 
+# float64 in 256-bit vectors: on AVX-512 the products ran in 39-42 ms per 11.5M x 4 chunk against 54-58 ms
+# in 512-bit ones (g++'s code for 32 lanes of float64 spills); with COMPILE_OPTIONS it compiles in 4.0 s, not 6.0 s
+# (workers/compiled.py)
+row_gram.cpu_vector_bits = 256
+
+
 def vote_counts(kept: list, conflicts: list | None, contributes: list) -> torch.Tensor:
     """int32 [..., 2T + 1], summed over the last axis: per expert its non-zero kept τ, per expert its
     kept values against the elected sign (zeros without ``conflicts``), then the elements no
