@@ -21,9 +21,10 @@ LOG = logging.getLogger(__name__)
 
 COMPILE_MIN_ELEMENTS = 1 << 20  # below this, eager beats a (possibly cold) compiled kernel
 # A task merging fewer elements than this runs eagerly: a worker's first compile costs ~5 s with a warm
-# inductor cache and ~20 s with a cold one, while the fused TIES kernel saves ~0.26 µs per element
+# inductor cache and ~13 s with a cold one, while the fused TIES kernel saves ~0.26 µs per element
 # over the eager one (2 cores; linear saves ~0.04 µs): compiling pays from ~17M elements (warm) to
-# ~76M (cold) for TIES, so a model of MiniLM's size (22M) never compiles and a 1B one's shards do.
+# ~50M (cold, 2^26 leaves a margin) for TIES, so a model of MiniLM's size (22M) never compiles and a
+# 1B one's shards do.
 COMPILE_MIN_TASK_ELEMENTS = {"warm": 1 << 24, "cold": 1 << 26}
 
 
