@@ -192,8 +192,7 @@ def run_as_typed(name: str, base: Path, experts: list[Path], out: Path, args, co
     breakdown = {"command_to_ray_ready": clock["ray_ready"] - launched, "ray_ready_to_first_task": first_task - clock["ray_ready"],
                  "first_task_to_first_tensor": first_tensor - first_task, "last_shard_to_commit": committed - last_shard,
                  "commit_to_exit": exited - committed}
-    tool = "mergefleet run (as typed)" + (f", compile cache {compile_cache}" if compile_cache else "")
-    return {"tool": tool, "method": name, "wall_s": round(exited - launched, 3), "load_1m": load,
+    return {"tool": "mergefleet run (as typed)", "method": name, "wall_s": round(exited - launched, 3), "load_1m": load,
             "fixed_cost_s": round((first_tensor - launched) + (exited - last_shard), 3),
             "fixed_cost_breakdown_s": {k: round(v, 3) for k, v in breakdown.items()}}
 

@@ -83,6 +83,30 @@ def test_a_compile_failure_turns_off_only_its_own_task(chunk, monkeypatch):
     assert Compiler().enabled is True
 
 
+def test_compile_options_narrow_the_vectors_only_where_the_cpu_is_wider(monkeypatch):
+    """Every kernel compiles without vectorised tail loops; a kernel asking for at most 256-bit
+    vectors (row_gram) gets them on an AVX-512 CPU and nothing extra on an AVX2 one. The CPU's ISA
+    comes from its flags unless the environment says otherwise."""
+    from types import SimpleNamespace
+
+    from torch._inductor import config, cpu_vec_isa
+
+    from workers.compiled import COMPILE_OPTIONS, compile_options
+    from workers.kernels.diagnostics import row_gram
+
+    for width, expected in [(512, {**COMPILE_OPTIONS, "cpp.simdlen": 256}), (256, COMPILE_OPTIONS)]:
+        monkeypatch.setattr(cpu_vec_isa, "pick_vec_isa", lambda width=width: SimpleNamespace(bit_width=lambda: width))
+        assert compile_options(row_gram) == expected
+        assert compile_options(ties.ties_merge) == COMPILE_OPTIONS
+    monkeypatch.setattr(config.cpp, "vec_isa_ok", None)
+    monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", "0")
+    compile_options(ties.ties_merge)
+    assert config.cpp.vec_isa_ok is None
+    monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK")
+    compile_options(ties.ties_merge)
+    assert config.cpp.vec_isa_ok is True
+
+
 def test_random_keep_mask_compiled_equals_eager():
     from workers.kernels.random_masks import keep_mask
 
