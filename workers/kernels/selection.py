@@ -131,10 +131,15 @@ def sample_bracket(base, experts, ks: list[int | None], numel: int, row_elements
     step = max(1, n // BRACKET_SAMPLE)
     while math.gcd(step, row_elements) != 1:
         step += 1
-    sample = (experts[:, ::step].float() - base[::step].float()).abs().sort(1).values
+    sample = strided_magnitudes(base, experts, step).sort(1).values
     brackets = [(math.inf, -math.inf) if k is None else sample_quantile_bracket(sample[t], k, numel, BRACKET_SIGMAS)
                 for t, k in enumerate(ks)]
     return tuple(torch.tensor(bounds, device=base.device) for bounds in zip(*brackets))
+
+
+def strided_magnitudes(base, experts, step: int) -> torch.Tensor:
+    """[T, ⌈N / step⌉] float32: every expert's |τ| at every ``step``-th element of the chunk."""
+    return (experts[:, ::step].float() - base[::step].float()).abs()
 
 
 def bracket_flags(base, experts, lo, hi) -> torch.Tensor:
@@ -192,15 +197,31 @@ def bracketed_statistic(flagged: torch.Tensor, below: int, at_most_hi: int, lo: 
     """The exact k-th smallest |τ| of the tensor from one expert's counts (``below`` lo,
     ``at_most_hi``) and its ``flagged`` |τ| (every element with |τ| in [lo, hi] when lo < hi);
     None when the bracket does not hold the k-th value."""
+    def select(j: int) -> tuple[float, int, int]:
+        inside = inside_bracket(flagged, lo, hi)  # ~1/T of the flagged: kthvalue over these is 2x faster
+        value = inside.kthvalue(j).values
+        return value.item(), int((inside < value).sum()), int((inside == value).sum())
+
+    return _in_bracket(below, at_most_hi, lo, hi, k, numel, select)
+
+
+def inside_bracket(values: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """The ``values`` in [lo, hi]."""
+    return values[(values >= lo) & (values <= hi)]
+
+
+def _in_bracket(below: int, at_most_hi: int, lo: float, hi: float, k: int, numel: int, select) -> OrderStatistic | None:
+    """The k-th smallest of ``numel`` values from the counts ``below`` lo and ``at_most_hi``, and
+    ``select(j)``: (the j-th smallest value inside [lo, hi], how many inside are below it, how
+    many equal it); None when the bracket does not hold the k-th value. A one-value bracket
+    (lo = hi) is settled by its counts."""
     if not below < k <= at_most_hi:
         return None
     if lo == hi:
         return OrderStatistic(lo, below, at_most_hi - below, numel - at_most_hi)
-    inside = flagged[(flagged >= lo) & (flagged <= hi)]  # ~1/T of the flagged: kthvalue over these is 2x faster
-    value = inside.kthvalue(k - below).values
-    n_below = below + int((inside < value).sum())
-    n_equal = int((inside == value).sum())
-    return OrderStatistic(value.item(), n_below, n_equal, numel - n_below - n_equal)
+    value, n_less, n_equal = select(k - below)
+    n_below = below + n_less
+    return OrderStatistic(value, n_below, n_equal, numel - n_below - n_equal)
 
 
 def tally(values: torch.Tensor, counts: torch.Tensor, more: torch.Tensor, more_counts: torch.Tensor | None = None):
@@ -216,16 +237,12 @@ def tally(values: torch.Tensor, counts: torch.Tensor, more: torch.Tensor, more_c
 def tallied_statistic(values: torch.Tensor, counts: torch.Tensor, below: int, at_most_hi: int, lo: float,
                       hi: float, k: int, numel: int) -> OrderStatistic | None:
     """``bracketed_statistic`` from a ``tally`` of the values inside [lo, hi] instead of the values."""
-    if not below < k <= at_most_hi:
-        return None
-    if lo == hi:
-        return OrderStatistic(lo, below, at_most_hi - below, numel - at_most_hi)
-    cumulative = counts.cumsum(0)
-    at = int(torch.searchsorted(cumulative, torch.tensor(k - below, dtype=cumulative.dtype)))
-    n_below = below + (int(cumulative[at - 1]) if at else 0)
-    n_equal = int(counts[at])
-    value = values[at:at + 1].view(torch.float32).item()
-    return OrderStatistic(value, n_below, n_equal, numel - n_below - n_equal)
+    def select(j: int) -> tuple[float, int, int]:
+        cumulative = counts.cumsum(0)
+        at = int(torch.searchsorted(cumulative, torch.tensor(j, dtype=cumulative.dtype)))
+        return values[at:at + 1].view(torch.float32).item(), int(cumulative[at - 1]) if at else 0, int(counts[at])
+
+    return _in_bracket(below, at_most_hi, lo, hi, k, numel, select)
 
 
 def sample_quantile_bracket(sample: torch.Tensor, k: int, numel: int, sigmas: float) -> tuple[float, float]:

@@ -65,7 +65,7 @@ class SampleScan:
         start = (rows - block) // 2
         base, experts = inputs.load_block((start, start + block))
         with ctx.timer.track("kernel"):
-            sample = (experts[:, ::self.stride].float() - base[::self.stride].float()).abs()
+            sample = selection.strided_magnitudes(base, experts, self.stride)
         return [torch.cat([totals[0], sample.cpu()], 1)]
 
 
@@ -96,7 +96,7 @@ class BracketScan:
                                                    numel=experts.numel()).cpu()
                 _, flagged = selection.flagged_magnitudes(flags, base, experts, base.numel())
                 for t, (low, high) in enumerate(zip(self.lo, self.hi)):
-                    inside = flagged[t][(flagged[t] >= low) & (flagged[t] <= high)].cpu().view(torch.int32)
+                    inside = selection.inside_bracket(flagged[t], low, high).cpu().view(torch.int32)
                     tallies[2 * t], tallies[2 * t + 1] = selection.tally(tallies[2 * t], tallies[2 * t + 1], inside)
                 if max(t.numel() for t in tallies[::2]) > self.limit:
                     return [counts, True, *self.initial()[2:]]
